@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["EMBEDDED_DEFAULT", "SharedBackbone", "resolve_model_source", "select_device", "autocast_dtype"]
+__all__ = ["EMBEDDED_DEFAULT", "SharedBackbone", "resolve_model_source", "select_device", "autocast_dtype", "cpu_has_fast_bf16"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def select_device(setting: str) -> str:
     return setting
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -60,7 +60,7 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
         return torch.bfloat16
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if _cpu_has_fast_bf16() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> Path:

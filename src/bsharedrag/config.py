@@ -259,8 +259,9 @@ def _parse_override(item: str) -> dict:
 
 
 def _profile(name: str) -> dict:
+    """A shipped profile; `DATASETS/` in it stands for the embedded datasets' folder."""
     text = resources.files("bsharedrag").joinpath("profiles", f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+    return yaml.safe_load(text.replace("DATASETS/", f"{_PACKAGE_DATA}/")) or {}
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None, **fields: Any) -> Config:

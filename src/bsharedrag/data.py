@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -145,9 +144,6 @@ class Dataset:
             self._docs = {doc.id: doc for doc in self.corpus}
         return self._docs
 
-    def corpus_hash(self) -> str:
-        return corpus_hash(self.corpus)
-
     def sample(self, max_queries: int | None, seed: int = 0) -> Dataset:
         """The same dataset with at most `max_queries` queries (a seeded sample); the corpus is kept whole."""
         if max_queries is None or len(self.queries) <= max_queries:
@@ -155,14 +151,6 @@ class Dataset:
         queries = random.Random(seed).sample(self.queries, max_queries)
         kept = {q.id for q in queries}
         return Dataset(self.path, self.split, self.corpus, queries, {q: r for q, r in self.qrels.items() if q in kept})
-
-
-def corpus_hash(documents: list[Document]) -> str:
-    digest = hashlib.sha256()
-    for doc in documents:
-        digest.update(json.dumps(doc.to_json(), sort_keys=True, ensure_ascii=False).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()[:16]
 
 
 def load_dataset(path: Path, split: str, strict: bool = False) -> Dataset:

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 __all__ = ["progress"]
 
 
-def progress(iterable=None, **kwargs):
-    kwargs.setdefault("disable", bool(os.environ.get("BSHAREDRAG_NO_PROGRESS")))
+def progress(iterable=None, quiet: bool = False, **kwargs):
+    kwargs["disable"] = quiet or bool(os.environ.get("BSHAREDRAG_NO_PROGRESS"))
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)

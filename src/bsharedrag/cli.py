@@ -1,0 +1,178 @@
+"""The `bsharedrag` command: each command parses its arguments and calls the library."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Backbone-shared RAG: one language model, a retriever adapter and a generator adapter.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a setting: section.key=value.")]
+RunOption = Annotated[Path | None, typer.Option("--run", "--run-dir", help="Run folder (default: config's run_dir).")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Rebuild even when the artefact is up to date.")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False)], force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "jieba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config(config: Path | None, overrides: list[str] | None, run: Path | None = None):
+    from .config import load_config
+
+    layered_file = config
+    if config is None and run is not None and (run / "config.yaml").exists():
+        layered_file = run / "config.yaml"  # a run folder remembers the settings it was made with
+    fields = {"run_dir": str(run)} if run is not None else {}
+    return load_config(layered_file, overrides, **fields)
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _stages(stages: tuple[str, ...], config, overrides, run, force) -> None:
+    from .pipeline import Pipeline
+
+    _setup_logging()
+    try:
+        pipeline = Pipeline(_config(config, overrides, run))
+        for stage, manifest in pipeline.run(stages, force).items():
+            typer.echo(f"{stage}: {pipeline.folder(stage)} {manifest.get('stats', {})}")
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        _fail(error)
+
+
+@app.command()
+def run(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None, force: ForceOption = False):
+    """Run every stage in order: pretrain, mine, train-retriever, index, train-generator, eval."""
+    from .pipeline import STAGES
+
+    _stages(STAGES, config, set_, run, force)
+    _print_tables(_config(config, set_, run).run_dir / "eval" / "results.json")
+
+
+@app.command()
+def pretrain(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None, force: ForceOption = False):
+    """Stage 1: continual pre-training of the backbone on the domain corpus."""
+    _stages(("pretrain",), config, set_, run, force)
+
+
+@app.command()
+def mine(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None, force: ForceOption = False):
+    """Stage 2: mine hard negatives for the retriever's training queries."""
+    _stages(("pretrain", "mine"), config, set_, run, force)
+
+
+@app.command("train-retriever")
+def train_retriever(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None,
+                    force: ForceOption = False):
+    """Stage 3: train the retriever adapter (InfoNCE with in-batch and hard negatives)."""
+    _stages(("pretrain", "mine", "retriever"), config, set_, run, force)
+
+
+@app.command()
+def index(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None, force: ForceOption = False):
+    """Embed the corpus with the retriever adapter into the run's FAISS index."""
+    _stages(("pretrain", "mine", "retriever", "index"), config, set_, run, force)
+
+
+@app.command("train-generator")
+def train_generator(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None,
+                    force: ForceOption = False):
+    """Stage 4: train the generator adapter on retrieved passages (loss on answer tokens only)."""
+    _stages(("pretrain", "mine", "retriever", "index", "generator"), config, set_, run, force)
+
+
+@app.command()
+def search(question: str, top_k: Annotated[int, typer.Option("--top-k", "-k")] = 5,
+           product_id: Annotated[str | None, typer.Option(help="Only this product's passages.")] = None,
+           run: RunOption = None, config: ConfigOption = None, set_: SetOption = None):
+    """Print the top-k passages for a question, with scores."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .rag import load_rag
+
+    try:
+        rag = load_rag(_config(config, set_, run), with_generator=False)
+        hits = rag.search(question, top_k=top_k, product_id=product_id)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        _fail(error)
+    table = Table("rank", "score", "id", "passage")
+    for rank, hit in enumerate(hits, 1):
+        table.add_row(str(rank), f"{hit.score:.4f}", hit.doc.id, hit.doc.content[:200])
+    Console().print(table)
+
+
+@app.command()
+def ask(question: str, top_k: Annotated[int | None, typer.Option("--top-k", "-k")] = None,
+        product_id: Annotated[str | None, typer.Option(help="Only this product's passages.")] = None,
+        max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
+        run: RunOption = None, config: ConfigOption = None, set_: SetOption = None):
+    """Answer a question from retrieved passages, streamed, with the cited passages listed."""
+    from .rag import Answer, load_rag
+
+    try:
+        rag = load_rag(_config(config, set_, run))
+        answer = None
+        for chunk in rag.stream(question, top_k=top_k, product_id=product_id, max_new_tokens=max_new_tokens):
+            if isinstance(chunk, Answer):
+                answer = chunk
+            else:
+                typer.echo(chunk, nl=False)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        _fail(error)
+    typer.echo("\n")
+    cited = {c.doc_id for c in answer.citations}
+    for number, hit in enumerate(answer.passages, 1):
+        mark = "*" if hit.doc.id in cited else " "
+        typer.echo(f"{mark}[{number}] {hit.doc.id}  {hit.doc.content[:160]}")
+
+
+@app.command("eval")
+def eval_(run: RunOption = None,
+          data: Annotated[Path | None, typer.Option(help="BEIR-style dataset folder (default: config's eval.data).")] = None,
+          split: Annotated[str | None, typer.Option(help="qrels split (default: config's eval.split).")] = None,
+          output: Annotated[Path | None, typer.Option(help="Where to write the results JSON.")] = None,
+          config: ConfigOption = None, set_: SetOption = None):
+    """Evaluate retrieval (and generation) of the run and the baselines on a dataset split."""
+    from .evaluate import evaluate
+    from .pipeline import Pipeline
+
+    _setup_logging()
+    try:
+        cfg = _config(config, set_, run)
+        output = output or cfg.run_dir / "eval" / f"results-{(data or cfg.eval.data).name}-{split or cfg.eval.split}.json"
+        evaluate(Pipeline(cfg), data or cfg.eval.data, split or cfg.eval.split, output)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        _fail(error)
+    _print_tables(output)
+
+
+def _print_tables(results_path: Path) -> None:
+    import json
+
+    from .metrics import markdown_table
+
+    if not results_path.exists():
+        return
+    results = json.loads(results_path.read_text())
+    for section in ("retrieval", "generation"):
+        if results.get(section):
+            typer.echo(f"\n{section} ({results['data']}, split {results['split']}, {results['queries']} queries)\n")
+            typer.echo(markdown_table(results[section]))
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,114 @@
+"""Evaluation of a run against baselines on any BEIR-style dataset split.
+
+Writes `{"retrieval": {system: metrics}, "generation": {system: metrics}, ...}` to a JSON file.
+Retrieval systems: `bsharedrag` (the retriever adapter over an index of the dataset's corpus),
+`bm25` and `encoder` (all-MiniLM-L6-v2). Generation systems, on the queries that have reference
+answers: `bsharedrag` (generator adapter) and `zero_shot` (the same backbone with no adapter),
+both given the same retrieved passages and the same prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .data import Dataset, load_dataset
+from .metrics import RETRIEVAL_METRICS, generation_metrics, retrieval_metrics
+from .progress import progress
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["evaluate", "retrieval_runs"]
+
+log = logging.getLogger(__name__)
+_DEPTH = 10  # the deepest cut-off among the retrieval metrics
+
+
+def retrieval_runs(pipeline: Pipeline, dataset: Dataset, systems: list[str]) -> tuple[dict, dict, dict]:
+    """system -> {query id -> ranked doc ids}; also the dense hits (for generation) and timings."""
+    from .baselines import BM25Retriever, EncoderRetriever, build_run
+    from .indexing import retriever_for
+
+    runs, timings, dense_hits = {}, {}, {}
+    for system in systems:
+        started = time.time()
+        if system == "bsharedrag":
+            retriever = retriever_for(pipeline, dataset)
+            hits = retriever.search([q.text for q in dataset.queries], _DEPTH)
+            dense_hits = {q.id: row for q, row in zip(dataset.queries, hits, strict=True)}
+            runs[system] = {qid: [hit.doc.id for hit in row] for qid, row in dense_hits.items()}
+        elif system == "bm25":
+            runs[system] = build_run(BM25Retriever(dataset.corpus), dataset.queries, _DEPTH)
+        elif system == "encoder":
+            encoder = EncoderRetriever(dataset.corpus, pipeline.config.eval.encoder_model)
+            runs[system] = build_run(encoder, dataset.queries, _DEPTH)
+        else:
+            raise ValueError(f"unknown retrieval system {system!r}; known: bsharedrag, bm25, encoder")
+        timings[system] = round(time.time() - started, 1)
+    return runs, dense_hits, timings
+
+
+def _generation(pipeline: Pipeline, dataset: Dataset, dense_hits: dict) -> tuple[dict, dict]:
+    from .generator import ADAPTER
+    from .rag import RAG
+
+    settings = pipeline.config.eval
+    queries = [q for q in dataset.queries if q.answers]
+    if settings.max_generation_queries is not None:
+        queries = queries[: settings.max_generation_queries]
+    pipeline.ensure_adapter(ADAPTER)
+    rag = RAG(pipeline.backbone(), None, pipeline.config.generator)
+    top_k = pipeline.config.generator.top_k
+    results, outputs = {}, {}
+    for system in settings.generation_systems:
+        adapter = {"bsharedrag": ADAPTER, "zero_shot": None}.get(system, "unknown")
+        if adapter == "unknown":
+            raise ValueError(f"unknown generation system {system!r}; known: bsharedrag, zero_shot")
+        predictions, citations = {}, {}
+        for query in progress(queries, desc=f"generate ({system})"):
+            answer = rag.answer(query.text, [hit for hit in dense_hits[query.id][:top_k]],
+                                max_new_tokens=settings.max_new_tokens, adapter=adapter)
+            predictions[query.id] = answer.text
+            citations[query.id] = [c.doc_id for c in answer.citations]
+        references = {q.id: list(q.answers) for q in queries}
+        results[system] = generation_metrics(
+            predictions, references, citations, dataset.qrels,
+            with_bertscore=True, model_path=settings.bertscore_model,
+        )
+        outputs[system] = {qid: {"answer": predictions[qid], "citations": citations[qid]} for qid in predictions}
+    return results, outputs
+
+
+def evaluate(pipeline: Pipeline, data: Path, split: str, output: Path) -> dict:
+    """Evaluate the run in `pipeline` on `data`/`split` and write the results to `output`."""
+    settings = pipeline.config.eval
+    dataset = load_dataset(data, split, strict=pipeline.config.strict_data)
+    if not dataset.queries:
+        raise ValueError(f"{data} split {split!r} has no judged query to evaluate")
+    systems = list(settings.systems)
+    if settings.generation and "bsharedrag" not in systems:
+        systems.append("bsharedrag")  # generation reads the passages the BSharedRAG retriever found
+    runs, dense_hits, timings = retrieval_runs(pipeline, dataset, systems)
+    results = {
+        "data": str(data),
+        "split": split,
+        "queries": len(dataset.queries),
+        "retrieval": {s: retrieval_metrics(dataset.qrels, runs[s], RETRIEVAL_METRICS) for s in settings.systems},
+        "timings_seconds": timings,
+        "runs": runs,
+    }
+    has_answers = any(q.answers for q in dataset.queries)
+    generator_ready = (pipeline.folder("generator") / "manifest.json").exists()
+    if settings.generation and has_answers and generator_ready:
+        results["generation"], results["answers"] = _generation(pipeline, dataset, dense_hits)
+        results["generation_queries"] = len(next(iter(results["answers"].values()), {}))
+    elif settings.generation:
+        log.warning("generation not evaluated: %s", "no reference answers" if not has_answers else "no generator")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    return results

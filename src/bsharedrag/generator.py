@@ -1,0 +1,225 @@
+"""Stage 4: retrieval-augmented instruction tuning of the `generator` LoRA adapter.
+
+Training examples are (question, passages, answer) triples:
+
+* One triple per (query, reference answer) pair, at most `MAX_ANSWERS_PER_QUERY` per query (a seeded
+  sample). ePQA queries carry 3-5 crowd answers and HetPQA queries one or two; every answer is a
+  valid target, and the cap keeps the few many-answer queries from dominating an epoch.
+* The question is `query.text` (for ePQA it starts with the product title), and the passages are the
+  retriever's `top_k` for it, searched within the query's product when the query names one (as a
+  shop asks from a product page).
+* Retrieval misses: when no qrels-relevant document is among the passages, with probability
+  `gold_rate` the best-graded relevant document replaces the last passage, at a random position,
+  so the model sees both answerable prompts and prompts it must answer without support.
+* Citing: when relevant passages are in the prompt, the target is the answer followed by their
+  markers, e.g. "It fits the 2012 model. [2]", so the generator learns to cite. A passage dropped
+  to fit `max_prompt_len` is not cited.
+
+The loss is the mean cross-entropy over answer tokens (and the closing end-of-turn token) of each
+optimiser step; prompt and padding positions are labelled -100 and the LM head runs only on answer
+positions, which saves most of its cost on long prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .config import GeneratorConfig
+from .data import Dataset, Document, load_dataset
+from .progress import progress
+from .prompt import citation_marker, encode_answer, encode_prompt
+from .training import micro_batches, seed_everything, step_batches, train_loop
+
+if TYPE_CHECKING:
+    from .backbone import SharedBackbone
+    from .retriever import DenseRetriever
+
+__all__ = [
+    "ADAPTER",
+    "IGNORE_INDEX",
+    "MAX_ANSWERS_PER_QUERY",
+    "Triple",
+    "answer_labels",
+    "build_triples",
+    "collate",
+    "encode_triple",
+    "load_training_datasets",
+    "train_generator",
+]
+
+ADAPTER = "generator"
+IGNORE_INDEX = -100
+MAX_ANSWERS_PER_QUERY = 3
+_SEARCH_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Triple:
+    question: str
+    passages: tuple[Document, ...]
+    answer: str  # the reference answer, without citation markers
+    cited: tuple[int, ...] = ()  # 1-based numbers of the relevant passages in `passages`
+    query_id: str = ""
+
+
+def load_training_datasets(settings: GeneratorConfig, seed: int = 0, strict: bool = False) -> list[Dataset]:
+    """The datasets named in `settings.datasets`, each cut to its `max_queries` (a seeded sample)."""
+    return [load_dataset(ref.path, ref.split, strict).sample(ref.max_queries, seed) for ref in settings.datasets]
+
+
+def _retrieve(retriever: DenseRetriever, queries: list, top_k: int) -> dict[str, list[Document]]:
+    """query id -> its top_k documents; queries are searched in batches that share a product."""
+    by_product: dict[str | None, list] = defaultdict(list)
+    for query in queries:
+        by_product[query.product_id].append(query)
+    found: dict[str, list[Document]] = {}
+    bar = progress(total=len(queries), desc="retrieving passages for the generator")
+    for product, group in by_product.items():
+        for start in range(0, len(group), _SEARCH_BATCH):
+            batch = group[start : start + _SEARCH_BATCH]
+            results = retriever.search([q.text for q in batch], top_k, product_id=product)
+            for query, hits in zip(batch, results, strict=True):
+                found[query.id] = [hit.doc for hit in hits]
+            bar.update(len(batch))
+    bar.close()
+    return found
+
+
+def _with_gold(
+    retrieved: list[Document], relevant: dict[str, int], docs: dict[str, Document], settings: GeneratorConfig, rng
+) -> list[Document]:
+    passages = list(retrieved[: settings.top_k])
+    if not relevant or any(doc.id in relevant for doc in passages) or rng.random() >= settings.gold_rate:
+        return passages
+    best = min(relevant, key=lambda doc_id: (-relevant[doc_id], doc_id))
+    if len(passages) >= settings.top_k:
+        passages.pop()
+    passages.insert(rng.randrange(len(passages) + 1), docs[best])
+    return passages
+
+
+def build_triples(
+    datasets: list[Dataset], retriever: DenseRetriever | None, settings: GeneratorConfig, seed: int = 0
+) -> list[Triple]:
+    """Training triples for every query with reference answers (see the module docstring for the rules).
+
+    `retriever` must index the corpora of `datasets`; it may be None when `settings.with_passages` is False.
+    """
+    if settings.with_passages and retriever is None:
+        raise ValueError("a retriever is needed to build triples with passages (or set with_passages=False)")
+    rng = random.Random(seed)
+    triples: list[Triple] = []
+    for dataset in datasets:
+        queries = [query for query in dataset.queries if query.answers]
+        retrieved = _retrieve(retriever, queries, settings.top_k) if settings.with_passages else {}
+        for query in queries:
+            answers = list(query.answers)
+            if len(answers) > MAX_ANSWERS_PER_QUERY:
+                answers = rng.sample(answers, MAX_ANSWERS_PER_QUERY)
+            relevant = dataset.qrels.get(query.id, {})
+            for answer in answers:
+                passages = _with_gold(retrieved[query.id], relevant, dataset.docs, settings, rng) if retrieved else []
+                cited = tuple(number for number, doc in enumerate(passages, 1) if doc.id in relevant)
+                triples.append(Triple(query.text, tuple(passages), answer.strip(), cited, query.id))
+    if not triples:
+        raise ValueError(f"no query with reference answers in {[str(d.path) for d in datasets]}; nothing to train on")
+    return triples
+
+
+def encode_triple(tokenizer, triple: Triple, settings: GeneratorConfig) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) for a triple; citations refer only to passages the prompt kept."""
+    prompt = encode_prompt(tokenizer, triple.question, list(triple.passages), settings)
+    cited = [number for number in triple.cited if number <= prompt.n_passages]
+    target = f"{triple.answer} {citation_marker(cited)}" if cited else triple.answer
+    return prompt.ids, encode_answer(tokenizer, target, settings)
+
+
+def answer_labels(prompt_ids: list[int], answer_ids: list[int]) -> tuple[list[int], list[int]]:
+    """(input ids, labels) for one example: the loss sees the answer tokens only."""
+    return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (input ids, labels) pairs into `input_ids`, `attention_mask` and `labels` (batch, seq)."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, row_labels) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(row_labels)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def answer_loss_sum(backbone: SharedBackbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled (answer) positions of a collated batch."""
+    device = backbone.device
+    hidden = backbone.decoder(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    ).last_hidden_state  # (batch, seq, hidden)
+    targets = batch["labels"][:, 1:].to(device)  # (batch, seq - 1): position i predicts token i + 1
+    mask = targets != IGNORE_INDEX
+    logits = backbone.base.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (answer tokens, vocab)
+    return F.cross_entropy(logits, targets[mask], reduction="sum")
+
+
+def train_generator(
+    backbone: SharedBackbone, triples: list[Triple], settings: GeneratorConfig, out_dir: Path, seed: int = 0
+) -> dict:
+    """Train the `generator` adapter on `triples` and save it to `out_dir`; returns training stats.
+
+    Resumes from `out_dir/checkpoint` when an interrupted run left one.
+    """
+    out_dir = Path(out_dir)
+    tokenizer = backbone.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seed_everything(seed)
+    if ADAPTER not in backbone.adapters:
+        backbone.add_adapter(ADAPTER, settings.lora)
+    previous = backbone.active_adapter
+    trainable = {id(p) for p in backbone.train_adapter(ADAPTER)}
+    named = {name: p for name, p in backbone.model.named_parameters() if id(p) in trainable}
+    examples = [answer_labels(*encode_triple(tokenizer, triple, settings)) for triple in triples]
+    batches = step_batches(examples, settings, seed)
+
+    def step(batch: list[tuple[list[int], list[int]]]) -> float:
+        # Every micro-batch is divided by the step's answer-token count, so the step's gradient is the
+        # mean over its answer tokens however the batch is split.
+        n_tokens = sum(sum(label != IGNORE_INDEX for label in labels) for _, labels in batch)
+        total = 0.0
+        for micro in micro_batches(batch, settings):
+            with backbone.autocast_context():
+                loss_sum = answer_loss_sum(backbone, collate(micro, pad_id))
+            (loss_sum / n_tokens).backward()
+            total += loss_sum.item()
+        return total / n_tokens
+
+    started = time.perf_counter()
+    backbone.model.train()
+    try:
+        losses = train_loop(named, batches, step, settings, out_dir / "checkpoint", "training the generator")
+    finally:
+        backbone.model.eval()
+        backbone.use(previous)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone.save_adapter(ADAPTER, out_dir)
+    stats = {
+        "steps": len(losses),
+        "examples": len(examples),
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    record = {"stats": stats, "seed": seed, "settings": settings.model_dump(mode="json"), "losses": losses}
+    (out_dir / "training.json").write_text(json.dumps(record, indent=2))
+    return stats

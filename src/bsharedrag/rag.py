@@ -1,0 +1,119 @@
+"""The public question-answering API: retrieve passages, then generate a cited answer, on one backbone.
+
+    rag = RAG(backbone, retriever, config.generator)
+    answer = rag.ask("Does it fit a 2012 Civic?", product_id="B00545ATZW")
+    for part in rag.stream("Is it waterproof?"):
+        print(part if isinstance(part, str) else part.citations)
+
+The retriever switches the backbone to its own adapter while it searches; generation runs with the
+generator adapter (or the bare model, `adapter=None`, for a zero-shot baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .config import GeneratorConfig
+from .generate import stream_tokens
+from .prompt import encode_prompt, parse_citations
+
+if TYPE_CHECKING:
+    from .backbone import SharedBackbone
+    from .index import Hit
+    from .retriever import DenseRetriever
+
+__all__ = ["RAG", "Answer", "Citation"]
+
+
+@dataclass(frozen=True)
+class Citation:
+    number: int  # the [n] marker in the answer text
+    doc_id: str
+    title: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    citations: list[Citation] = field(default_factory=list)
+    passages: list[Hit] = field(default_factory=list)  # the passages the prompt held, numbered from 1
+
+
+class RAG:
+    """Retrieval-augmented answers from one shared backbone with retriever and generator adapters."""
+
+    def __init__(
+        self,
+        backbone: SharedBackbone,
+        retriever: DenseRetriever | None,
+        settings: GeneratorConfig,
+        adapter: str | None = "generator",
+    ):
+        if settings.with_passages and retriever is None:
+            raise ValueError("a retriever is needed when settings.with_passages is True")
+        if adapter is not None and adapter not in backbone.adapters:
+            raise KeyError(f"unknown generator adapter {adapter!r}; known adapters: {backbone.adapters or 'none'}")
+        self.backbone = backbone
+        self.retriever = retriever
+        self.settings = settings
+        self.adapter = adapter
+
+    @staticmethod
+    def _check_question(question: str) -> str:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"the question must be non-empty text, got {question!r}")
+        return question.strip()
+
+    def search(self, question: str, top_k: int | None = None, product_id: str | None = None) -> list[Hit]:
+        """The `top_k` best passages for `question` (default `settings.top_k`), best first."""
+        question = self._check_question(question)
+        top_k = self.settings.top_k if top_k is None else top_k
+        if not isinstance(top_k, int) or top_k <= 0:
+            raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
+        return self.retriever.search([question], top_k, product_id=product_id)[0]
+
+    def stream(
+        self,
+        question: str,
+        top_k: int | None = None,
+        product_id: str | None = None,
+        max_new_tokens: int = 128,
+        **sampling,
+    ) -> Iterator[str | Answer]:
+        """Yield the answer text in chunks as it is generated, then the complete `Answer`.
+
+        `sampling` is passed to `stream_tokens` (temperature, top_p, seed); the default is greedy.
+        """
+        question = self._check_question(question)
+        hits = self.search(question, top_k, product_id) if self.settings.with_passages else []
+        prompt = encode_prompt(self.backbone.tokenizer, question, [hit.doc for hit in hits], self.settings)
+        hits = hits[: prompt.n_passages]
+        chunks = stream_tokens(self.backbone, prompt.ids, max_new_tokens, adapter=self.adapter, **sampling)
+        return self._answer_after(chunks, hits)
+
+    @staticmethod
+    def _answer_after(chunks: Iterator[str], hits: list[Hit]) -> Iterator[str | Answer]:
+        parts = []
+        for chunk in chunks:
+            parts.append(chunk)
+            yield chunk
+        text = "".join(parts).strip()
+        citations = [
+            Citation(number, hits[number - 1].doc.id, hits[number - 1].doc.title)
+            for number in parse_citations(text, len(hits))
+        ]
+        yield Answer(text, citations, hits)
+
+    def ask(
+        self,
+        question: str,
+        top_k: int | None = None,
+        product_id: str | None = None,
+        max_new_tokens: int = 128,
+        **sampling,
+    ) -> Answer:
+        """The answer to `question` with its citations and the passages it was given."""
+        *_, answer = self.stream(question, top_k, product_id, max_new_tokens, **sampling)
+        return answer

@@ -1,0 +1,25 @@
+import pytest
+from pydantic import ValidationError
+
+from bsharedrag.config import load_config
+
+
+def test_profile_then_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("retriever:\n  lr: 0.001\n  temperature: 0.05\n")
+    config = load_config(path, ["retriever.lr=0.002"])
+    assert config.retriever.lr == 0.002 and config.retriever.temperature == 0.05
+    assert config.retriever.max_steps is not None  # from the quick profile
+    assert load_config(overrides=["profile=full"]).retriever.max_steps is None
+
+
+def test_unknown_key_is_an_error():
+    with pytest.raises(ValidationError, match="temprature"):
+        load_config(overrides=["retriever.temprature=0.1"])
+
+
+def test_bad_values_are_refused_with_the_value():
+    with pytest.raises(ValidationError, match="micro_batch_size"):
+        load_config(overrides=["retriever.batch_size=8", "retriever.micro_batch_size=3"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(overrides=["nonsense"])

@@ -1,0 +1,93 @@
+import pytest
+import torch
+from tiny import tiny_backbone, tiny_tokenizer
+
+from bsharedrag import generate as generation
+from bsharedrag.config import LoraSettings
+from bsharedrag.generate import IncrementalDecoder, generate, stream_tokens
+
+PROMPT = list(range(100, 140))
+
+
+def _with_lora(model_type: str = "llama"):
+    backbone = tiny_backbone(model_type=model_type)
+    backbone.add_adapter("generator", LoraSettings(r=4, alpha=8))
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter change the output
+        for name, p in backbone.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return backbone
+
+
+def _greedy_reference(backbone, n: int) -> list[int]:
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        for _ in range(n):
+            next_id = backbone.model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    return ids[0, len(PROMPT) :].tolist()
+
+
+@pytest.mark.parametrize("text", ["plain words", "héllo wörld ümlaut", "你好，世界！ 价格是多少", "emoji 🙂👍🏽 end"])
+def test_incremental_decoding_matches_decoding_everything(text):
+    tokenizer = tiny_tokenizer()
+    decoder = IncrementalDecoder(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    chunks = [decoder.push(token) for token in ids] + [decoder.flush()]
+    assert "".join(chunks) == tokenizer.decode(ids)
+    assert not any("\ufffd" in chunk for chunk in chunks)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("adapter", [None, "generator"])
+def test_lean_decoder_matches_the_transformers_forward(model_type, adapter):
+    backbone = _with_lora(model_type)
+    with torch.inference_mode(), backbone.adapter(adapter):
+        lean = generation._LeanDecoder(backbone.base, len(PROMPT) + 8, "cpu")
+        reference = generation._CachedDecoder(backbone.base)
+        token = torch.tensor([PROMPT])
+        for position in [0, *range(len(PROMPT), len(PROMPT) + 8)]:
+            ours, theirs = lean(token, position), reference(token, position)
+            assert torch.allclose(ours, theirs, atol=1e-4)
+            token = theirs.argmax().view(1, 1)
+
+
+@pytest.mark.parametrize("adapter", [None, "generator"])
+def test_stream_is_greedy_decoding_of_the_active_adapter(adapter):
+    backbone = _with_lora()
+    with backbone.adapter(adapter):
+        expected = backbone.tokenizer.decode(_greedy_reference(backbone, 12), skip_special_tokens=True)
+    assert generate(backbone, PROMPT, 12, adapter=adapter) == expected
+
+
+def test_stream_stops_at_a_stop_token(monkeypatch):
+    backbone = _with_lora()
+    greedy = _greedy_reference(backbone, 12)
+    monkeypatch.setattr(generation, "stop_token_ids", lambda tokenizer, model=None: {greedy[3]})
+    stop = greedy.index(greedy[3])
+    assert generate(backbone, PROMPT, 12, adapter=None) == backbone.tokenizer.decode(greedy[:stop])
+
+
+def test_adapter_is_only_active_inside_forward_passes():
+    backbone = _with_lora()
+    backbone.use(None)
+    stream = stream_tokens(backbone, PROMPT, 6, adapter="generator")
+    next(stream)
+    assert backbone.active_adapter is None and not torch.is_inference_mode_enabled()
+    list(stream)
+
+
+def test_seeded_sampling_repeats():
+    backbone = _with_lora()
+    first = generate(backbone, PROMPT, 10, temperature=1.0, top_p=0.9, seed=3)
+    assert first == generate(backbone, PROMPT, 10, temperature=1.0, top_p=0.9, seed=3)
+
+
+def test_bad_arguments_raise_at_call_time():
+    backbone = _with_lora()
+    with pytest.raises(KeyError, match="known adapters"):
+        stream_tokens(backbone, PROMPT, 4, adapter="retriever")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        stream_tokens(backbone, PROMPT, 0)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        stream_tokens(backbone, [], 4)

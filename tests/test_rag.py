@@ -1,0 +1,90 @@
+import pytest
+from tiny import FakeRetriever, make_doc, tiny_backbone
+
+from bsharedrag import rag as rag_module
+from bsharedrag.config import GeneratorConfig, LoraSettings
+from bsharedrag.rag import RAG, Answer, Citation
+
+DOCS = [make_doc(1), make_doc(2, title="Crisper drawer"), make_doc(3)]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    backbone = tiny_backbone()
+    backbone.add_adapter("generator", LoraSettings(r=4, alpha=8))
+    return backbone
+
+
+@pytest.fixture
+def retriever():
+    return FakeRetriever(DOCS)
+
+
+def _scripted(chunks):
+    def fake_stream_tokens(backbone, prompt_ids, max_new_tokens, adapter="generator", **sampling):
+        assert adapter == "generator" and prompt_ids
+        yield from chunks
+
+    return fake_stream_tokens
+
+
+def test_ask_cites_only_given_passages(backbone, retriever, monkeypatch):
+    monkeypatch.setattr(rag_module, "stream_tokens", _scripted(["It fits ", "[2]", " but not [7]."]))
+    answer = RAG(backbone, retriever, GeneratorConfig()).ask("Does it fit?", product_id="B001")
+
+    assert answer.text == "It fits [2] but not [7]."
+    assert answer.citations == [Citation(2, "d2", "Crisper drawer")]
+    assert [hit.doc.id for hit in answer.passages] == ["d1", "d2", "d3"]
+    assert retriever.calls == [(["Does it fit?"], 3, "B001")]
+
+
+def test_ask_with_the_tiny_model_returns_a_consistent_answer(backbone, retriever):
+    answer = RAG(backbone, retriever, GeneratorConfig(top_k=2)).ask("Does it fit?", max_new_tokens=12)
+    assert isinstance(answer, Answer) and len(answer.passages) == 2
+    assert all(1 <= citation.number <= 2 for citation in answer.citations)
+
+
+def test_stream_yields_text_chunks_then_the_answer(backbone, retriever):
+    parts = list(RAG(backbone, retriever, GeneratorConfig()).stream("Is it waterproof?", max_new_tokens=10))
+    *chunks, answer = parts
+    assert chunks and all(isinstance(chunk, str) for chunk in chunks)
+    assert isinstance(answer, Answer) and answer.text == "".join(chunks).strip()
+
+
+def test_passages_cut_from_the_prompt_are_not_returned(backbone, monkeypatch):
+    long_docs = [make_doc(n, " ".join(f"word{i}" for i in range(300))) for n in (1, 2, 3)]
+    monkeypatch.setattr(rag_module, "stream_tokens", _scripted(["See [3]."]))
+    settings = GeneratorConfig(max_passage_tokens=200, max_prompt_len=300)
+    answer = RAG(backbone, FakeRetriever(long_docs), settings).ask("Does it fit?")
+    assert len(answer.passages) < 3 and answer.citations == []
+
+
+def test_closed_book_settings_skip_retrieval(backbone, retriever):
+    answer = RAG(backbone, retriever, GeneratorConfig(with_passages=False)).ask("Is it red?", max_new_tokens=4)
+    assert answer.passages == [] and answer.citations == [] and retriever.calls == []
+
+
+def test_zero_shot_runs_the_bare_model(retriever):
+    answer = RAG(tiny_backbone(), retriever, GeneratorConfig(), adapter=None).ask("Is it red?", max_new_tokens=4)
+    assert isinstance(answer, Answer)
+
+
+@pytest.mark.parametrize("call", ["ask", "stream", "search"])
+@pytest.mark.parametrize("question", ["", "   ", "\n\t"])
+def test_empty_question_raises(backbone, retriever, call, question):
+    with pytest.raises(ValueError, match="question must be non-empty"):
+        getattr(RAG(backbone, retriever, GeneratorConfig()), call)(question)
+    assert retriever.calls == []
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 2.5])
+def test_bad_top_k_raises(backbone, retriever, top_k):
+    with pytest.raises(ValueError, match="top_k"):
+        RAG(backbone, retriever, GeneratorConfig()).search("Does it fit?", top_k=top_k)
+
+
+def test_unknown_adapter_and_missing_retriever_raise(backbone, retriever):
+    with pytest.raises(KeyError, match="known adapters"):
+        RAG(backbone, retriever, GeneratorConfig(), adapter="nope")
+    with pytest.raises(ValueError, match="retriever"):
+        RAG(backbone, None, GeneratorConfig())
