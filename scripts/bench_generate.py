@@ -49,15 +49,15 @@ def _time_reference(backbone, prompt_ids, new_tokens, adapter, lean: bool, decod
         start = time.perf_counter()
         with backbone.autocast_context():
             if lean:
-                decoder = generation._LeanDecoder(backbone.base, len(prompt_ids) + new_tokens, backbone.device)
+                decoder = generation._LeanDecoder(backbone.base, adapter, len(prompt_ids) + new_tokens, "cpu")
             else:
                 decoder = generation._CachedDecoder(backbone.base)
-            token = int(decoder(torch.tensor([prompt_ids]), 0).argmax())
+            token = int(decoder(torch.tensor(prompt_ids), 0).argmax())
         first = time.perf_counter()
         decode_context = backbone.autocast_context() if decode_autocast else contextlib.nullcontext()
         with decode_context:
             for position in range(len(prompt_ids), len(prompt_ids) + new_tokens - 1):
-                token = int(decoder(torch.tensor([[token]]), position).argmax())
+                token = int(decoder(torch.tensor([token]), position).argmax())
         end = time.perf_counter()
     return first - start, (new_tokens - 1) / (end - first)
 

@@ -43,13 +43,13 @@ def test_incremental_decoding_matches_decoding_everything(text):
 def test_lean_decoder_matches_the_transformers_forward(model_type, adapter):
     backbone = _with_lora(model_type)
     with torch.inference_mode(), backbone.adapter(adapter):
-        lean = generation._LeanDecoder(backbone.base, len(PROMPT) + 8, "cpu")
+        lean = generation._LeanDecoder(backbone.base, adapter, len(PROMPT) + 8, "cpu")
         reference = generation._CachedDecoder(backbone.base)
-        token = torch.tensor([PROMPT])
+        tokens = torch.tensor(PROMPT)
         for position in [0, *range(len(PROMPT), len(PROMPT) + 8)]:
-            ours, theirs = lean(token, position), reference(token, position)
+            ours, theirs = lean(tokens, position), reference(tokens, position)
             assert torch.allclose(ours, theirs, atol=1e-4)
-            token = theirs.argmax().view(1, 1)
+            tokens = theirs.argmax().view(1)
 
 
 @pytest.mark.parametrize("adapter", [None, "generator"])

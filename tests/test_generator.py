@@ -69,10 +69,10 @@ def test_triples_inject_gold_and_cite_it():
         Query("q3", "no answers", "no answers", None, ()),
     ]
     qrels = {"q1": {"d6": 1, "d5": 2}, "q2": {"d2": 1}, "q3": {"d1": 1}}
-    retriever = FakeRetriever(DOCS[:3], per_product={"p1": DOCS[:3]})
+    retriever = FakeRetriever(DOCS[:3])
     triples = build_triples([_dataset(queries, qrels)], retriever, _settings(gold_rate=1.0), seed=0)
 
-    assert sorted(call[2] or "" for call in retriever.calls) == ["", "p1"]  # searched per product
+    assert retriever.calls == [(["title: fits?", "is it red?"], 3, None)]  # query.text, whole corpus
     q1 = [t for t in triples if t.query_id == "q1"]
     assert len(q1) == MAX_ANSWERS_PER_QUERY
     for triple in q1:  # missed by retrieval: the best-graded gold (d5) replaces the last passage
@@ -88,6 +88,16 @@ def test_triples_without_gold_injection_have_no_citation():
     queries = [Query("q1", "fits?", "fits?", None, ("yes",))]
     triples = build_triples([_dataset(queries, {"q1": {"d6": 1}})], FakeRetriever(DOCS[:3]), _settings(gold_rate=0.0))
     assert [doc.id for doc in triples[0].passages] == ["d1", "d2", "d3"] and triples[0].cited == ()
+
+
+def test_one_retriever_per_dataset():
+    first, second = FakeRetriever(DOCS[:2]), FakeRetriever(DOCS[3:5])
+    datasets = [_dataset([Query(f"q{n}", "fits?", "fits?", None, ("yes",))], {f"q{n}": {"d1": 1}}) for n in (1, 2)]
+    triples = build_triples(datasets, [first, second], _settings(gold_rate=0.0))
+    assert [[doc.id for doc in t.passages] for t in triples] == [["d1", "d2"], ["d4", "d5"]]
+    assert triples[0].cited == (1,) and triples[1].cited == ()
+    with pytest.raises(ValueError, match="2 datasets"):
+        build_triples(datasets, [first], _settings())
 
 
 def test_closed_book_triples_need_no_retriever():

@@ -37,3 +37,36 @@ def test_retrieval_half_end_to_end(pipeline):
     assert rerun["index"]["id"] != done["index"]["id"]  # built from the new adapter
     with pytest.raises(IndexMismatchError):
         VectorIndex.open(pipeline.folder("index"), expect={"adapter": done["retriever"]["id"]})
+
+
+def test_whole_pipeline_then_cli_search_ask_and_eval(pipeline, tiny_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from bsharedrag.cli import app
+
+    pipeline.run()
+    results = json.loads((pipeline.folder("eval") / "results.json").read_text())
+    assert set(results["retrieval"]) == {"bsharedrag", "bm25"}
+    assert 0.0 <= results["retrieval"]["bm25"]["hit@3"] <= 1.0
+    assert set(results["generation"]) == {"bsharedrag", "zero_shot"}
+    assert {"bleu3", "rougeL", "bertscore", "citation_precision"} <= set(results["generation"]["bsharedrag"])
+
+    runner = CliRunner()
+    run = str(pipeline.run_dir)
+    found = runner.invoke(app, ["search", "Acme Kettle 1.7L: how long to boil?", "--run", run, "-k", "2"])
+    assert found.exit_code == 0, found.output
+    assert "p1-d" in found.output or "-d" in found.output
+
+    asked = runner.invoke(app, ["ask", "does the kettle have a steel lid?", "--run", run, "--max-new-tokens", "4"])
+    assert asked.exit_code == 0, asked.output
+    assert "[1]" in asked.output  # the passages list
+
+    output = tmp_path / "other.json"
+    evaluated = runner.invoke(app, ["eval", "--run", run, "--data", str(tiny_dataset), "--split", "train",
+                                    "--output", str(output), "--set", "eval.generation=false"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(output.read_text())["split"] == "train"
+    assert "| bsharedrag |" in evaluated.output
+
+    empty = runner.invoke(app, ["ask", "   ", "--run", run])
+    assert empty.exit_code == 1 and "question" in empty.output

@@ -69,11 +69,12 @@ def test_zero_shot_runs_the_bare_model(retriever):
     assert isinstance(answer, Answer)
 
 
-@pytest.mark.parametrize("call", ["ask", "stream", "search"])
+@pytest.mark.parametrize("call", ["ask", "stream", "search", "answer"])
 @pytest.mark.parametrize("question", ["", "   ", "\n\t"])
 def test_empty_question_raises(backbone, retriever, call, question):
     with pytest.raises(ValueError, match="question must be non-empty"):
-        getattr(RAG(backbone, retriever, GeneratorConfig()), call)(question)
+        method = getattr(RAG(backbone, retriever, GeneratorConfig()), call)
+        method(question, []) if call == "answer" else method(question)
     assert retriever.calls == []
 
 
@@ -83,8 +84,23 @@ def test_bad_top_k_raises(backbone, retriever, top_k):
         RAG(backbone, retriever, GeneratorConfig()).search("Does it fit?", top_k=top_k)
 
 
-def test_unknown_adapter_and_missing_retriever_raise(backbone, retriever):
+def test_answer_over_given_passages_needs_no_retriever(backbone, monkeypatch):
+    used = []
+
+    def fake_stream_tokens(backbone, prompt_ids, max_new_tokens, adapter="generator", **sampling):
+        used.append(adapter)
+        yield "Yes [1]."
+
+    monkeypatch.setattr(rag_module, "stream_tokens", fake_stream_tokens)
+    rag = RAG(backbone, None, GeneratorConfig())
+    hits = FakeRetriever(DOCS[1:]).search(["q"], 2)[0]
+    assert rag.answer("Does it fit?", hits).citations == [Citation(1, "d2", "Crisper drawer")]
+    rag.answer("Does it fit?", hits, adapter=None)
+    assert used == ["generator", None]
+    with pytest.raises(ValueError, match="no retriever"):
+        rag.ask("Does it fit?")
+
+
+def test_unknown_adapter_raises(backbone, retriever):
     with pytest.raises(KeyError, match="known adapters"):
         RAG(backbone, retriever, GeneratorConfig(), adapter="nope")
-    with pytest.raises(ValueError, match="retriever"):
-        RAG(backbone, None, GeneratorConfig())

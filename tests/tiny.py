@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 
 from bsharedrag.backbone import SharedBackbone
 from bsharedrag.data import Document
+from bsharedrag.index import Hit
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"  # SmolLM2-135M-Instruct's tokenizer (Apache-2.0)
 
@@ -60,22 +60,14 @@ def make_doc(number: int, text: str | None = None, title: str | None = None) -> 
     return Document(f"d{number}", title if title is not None else f"Product {number}", text or f"fact number {number}")
 
 
-@dataclass(frozen=True)
-class FakeHit:
-    doc: Document
-    score: float
-
-
 class FakeRetriever:
-    """Returns the same ranked documents for every question (optionally per product), recording calls."""
+    """Returns the same ranked documents for every question, recording each call."""
 
-    def __init__(self, documents: list[Document], per_product: dict[str, list[Document]] | None = None):
+    def __init__(self, documents: list[Document]):
         self.documents = documents
-        self.per_product = per_product or {}
         self.calls: list[tuple[list[str], int, str | None]] = []
 
-    def search(self, questions: list[str], top_k: int, product_id: str | None = None) -> list[list[FakeHit]]:
+    def search(self, questions: list[str], top_k: int, product_id: str | None = None) -> list[list[Hit]]:
         self.calls.append((list(questions), top_k, product_id))
-        ranked = self.per_product.get(product_id, self.documents) if product_id else self.documents
-        hits = [FakeHit(doc, 1.0 - rank / 100) for rank, doc in enumerate(ranked[:top_k])]
+        hits = [Hit(doc, 1.0 - rank / 100) for rank, doc in enumerate(self.documents[:top_k])]
         return [list(hits) for _ in questions]

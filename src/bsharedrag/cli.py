@@ -176,3 +176,65 @@ def _print_tables(results_path: Path) -> None:
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+# --- serving -------------------------------------------------------------------------------
+
+HostOption = Annotated[str | None, typer.Option(help="Interface to listen on (default: config's serve.host).")]
+PortOption = Annotated[int | None, typer.Option(help="Port to listen on (default: config's serve.port).")]
+
+
+@app.command()
+def serve(run: RunOption = None, host: HostOption = None, port: PortOption = None,
+          config: ConfigOption = None, set_: SetOption = None):
+    """Serve a finished run over HTTP: search, answers, OpenAI-compatible API, catalogue updates, web page."""
+    from .serving import serve as serve_run
+
+    _setup_logging()
+    try:
+        serve_run(_config(config, set_, run), host, port)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        _fail(error)
+
+
+docs_app = typer.Typer(help="Update a run's catalogue (its index) without rebuilding it.", no_args_is_help=True)
+app.add_typer(docs_app, name="docs")
+
+
+@docs_app.command("add")
+def docs_add(file: Annotated[Path, typer.Argument(help="A corpus.jsonl file: _id, title, text, product_id, ...")],
+             run: RunOption = None, config: ConfigOption = None, set_: SetOption = None):
+    """Insert or replace the documents of a JSONL file, embedded with the retriever adapter (all or none)."""
+    from .rag import load_rag
+    from .serving import read_documents, serving_lock, upsert_documents
+
+    try:
+        cfg = _config(config, set_, run)
+        docs = read_documents(file)
+        with serving_lock(Path(cfg.run_dir) / "index", holder="`bsharedrag docs add`"):
+            rag = load_rag(cfg, with_generator=False)
+            count = upsert_documents(rag, docs, cfg.index.batch_tokens)
+            rag.retriever.index.save()
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        _fail(error)
+    typer.echo(f"upserted {count} documents; the index holds {len(rag.retriever.index)}")
+
+
+@docs_app.command("rm")
+def docs_rm(ids: Annotated[list[str], typer.Argument(help="Ids of the documents to remove.")],
+            run: RunOption = None, config: ConfigOption = None, set_: SetOption = None):
+    """Remove documents by id (one transaction)."""
+    from .index import VectorIndex
+    from .serving import delete_documents, serving_lock
+
+    try:
+        folder = Path(_config(config, set_, run).run_dir) / "index"
+        with serving_lock(folder, holder="`bsharedrag docs rm`"):
+            index = VectorIndex.open(folder)
+            missing = delete_documents(index, ids)
+            index.save()
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        _fail(error)
+    if missing:
+        typer.secho(f"not in the index: {', '.join(missing)}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"removed {len(set(ids) - set(missing))} documents; the index holds {len(index)}")

@@ -135,31 +135,26 @@ class MineConfig(Section):
         return window
 
 
+def _training_datasets() -> list[DatasetRef]:
+    """The embedded training splits: ePQA train and hetPQA train (never a dev split)."""
+    return [DatasetRef(path=_PACKAGE_DATA / name, split="train") for name in ("epqa", "hetpqa")]
+
+
 class RetrieverConfig(TrainSettings):
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    datasets: list[DatasetRef] = Field(
-        default_factory=lambda: [
-            DatasetRef(path=_PACKAGE_DATA / "epqa", split="train"),
-            DatasetRef(path=_PACKAGE_DATA / "hetpqa", split="train"),
-        ]
-    )
+    datasets: list[DatasetRef] = Field(default_factory=_training_datasets, description="Training queries.")
     query_prefix: str = "query: "
     passage_prefix: str = "passage: "
     max_query_len: int = Field(64, gt=4)
     max_passage_len: int = Field(128, gt=4)
     temperature: float = Field(0.02, gt=0, description="InfoNCE softmax temperature.")
     negatives_per_query: int = Field(3, ge=0, description="Mined hard negatives used per query in each step.")
-    lr: float = 2e-4
+    lr: float = 3e-4
 
 
 class GeneratorConfig(TrainSettings):
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    datasets: list[DatasetRef] = Field(
-        default_factory=lambda: [
-            DatasetRef(path=_PACKAGE_DATA / "epqa", split="train"),
-            DatasetRef(path=_PACKAGE_DATA / "hetpqa", split="train"),
-        ]
-    )
+    datasets: list[DatasetRef] = Field(default_factory=_training_datasets, description="Training queries.")
     top_k: int = Field(3, gt=0, description="Retrieved passages put in each prompt.")
     gold_rate: float = Field(
         0.5, ge=0, le=1, description="How often the gold passage replaces the last one when retrieval missed it."
@@ -205,6 +200,16 @@ class ServeConfig(Section):
     max_batch_documents: int = Field(256, gt=0)
     max_body_bytes: int = Field(2_000_000, gt=0)
     max_new_tokens: int = Field(128, gt=0)
+    max_document_chars: int = Field(
+        20_000, gt=0, description="Longest document text accepted by an upsert (and passage input to /v1/embeddings)."
+    )
+    queue_size: int = Field(
+        256, gt=0, description="Model jobs admitted at once (queued or generating); more get 503 and Retry-After."
+    )
+    max_search_batch: int = Field(32, gt=0, description="Queued searches embedded together in one forward pass.")
+    snapshot_every_s: float = Field(
+        60.0, gt=0, description="Seconds between FAISS snapshots of an updated index (also written at shutdown)."
+    )
 
 
 class Config(Section):

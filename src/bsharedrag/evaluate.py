@@ -61,17 +61,17 @@ def _generation(pipeline: Pipeline, dataset: Dataset, dense_hits: dict) -> tuple
     if settings.max_generation_queries is not None:
         queries = queries[: settings.max_generation_queries]
     pipeline.ensure_adapter(ADAPTER)
-    rag = RAG(pipeline.backbone(), None, pipeline.config.generator)
     top_k = pipeline.config.generator.top_k
     results, outputs = {}, {}
     for system in settings.generation_systems:
         adapter = {"bsharedrag": ADAPTER, "zero_shot": None}.get(system, "unknown")
         if adapter == "unknown":
             raise ValueError(f"unknown generation system {system!r}; known: bsharedrag, zero_shot")
+        rag = RAG(pipeline.backbone(), None, pipeline.config.generator, adapter=adapter)
         predictions, citations = {}, {}
         for query in progress(queries, desc=f"generate ({system})"):
-            answer = rag.answer(query.text, [hit for hit in dense_hits[query.id][:top_k]],
-                                max_new_tokens=settings.max_new_tokens, adapter=adapter)
+            answer = rag.ask(query.text, passages=dense_hits[query.id][:top_k],
+                             max_new_tokens=settings.max_new_tokens)
             predictions[query.id] = answer.text
             citations[query.id] = [c.doc_id for c in answer.citations]
         references = {q.id: list(q.answers) for q in queries}

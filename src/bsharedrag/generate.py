@@ -90,52 +90,128 @@ def _next_token(logits: torch.Tensor, temperature: float, top_p: float, rng: tor
     return int(torch.multinomial(probs, 1, generator=rng))
 
 
+def _linear(module: torch.nn.Module, adapter: str | None):
+    """`module` as a plain function of x: its base weights plus the adapter's LoRA term, if it has one.
+
+    Calling torch.mm directly skips the module, peft and F.linear dispatch, which together cost more
+    than the matmul itself for batch-1 decoding. Layers this cannot express (DoRA, merged adapters) run themselves.
+    """
+    base = getattr(module, "base_layer", module)
+    if not isinstance(base, torch.nn.Linear) or getattr(module, "merged", False):
+        return module
+    weight_t, bias = base.weight.t(), base.bias  # (in, out) views, made once per generation
+    if adapter is not None and adapter in getattr(module, "lora_A", {}):
+        if adapter in getattr(module, "lora_variant", {}) or getattr(module, "fan_in_fan_out", False):
+            return module
+        down = (module.lora_A[adapter].weight * module.scaling[adapter]).t()  # (in, r)
+        up = module.lora_B[adapter].weight.t()  # (r, out)
+        if bias is None:
+            return lambda x: torch.addmm(torch.mm(x, weight_t), torch.mm(x, down), up)  # x: (tokens, in)
+        return lambda x: torch.addmm(torch.addmm(bias, x, weight_t), torch.mm(x, down), up)
+    if bias is None:
+        return lambda x: torch.mm(x, weight_t)
+    return lambda x: torch.addmm(bias, x, weight_t)
+
+
+def _half_turn(dim: int, dtype, device) -> torch.Tensor:
+    """The (dim, dim) matrix P with x @ P == rotate_half(x) == cat(-x2, x1), as RoPE uses it."""
+    half = torch.arange(dim // 2, device=device)
+    turn = torch.zeros(dim, dim, dtype=dtype, device=device)
+    turn[half + dim // 2, half] = -1
+    turn[half, half + dim // 2] = 1
+    return turn
+
+
+def _norm(module: torch.nn.Module) -> tuple[torch.Tensor, float]:
+    """RMSNorm as (weight * sqrt(dim), eps * dim) for `_rms_norm`."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+    dim = module.weight.shape[-1]
+    return module.weight * dim**0.5, eps * dim
+
+
+def _rms_norm(x: torch.Tensor, scaled_weight: torch.Tensor, scaled_eps: float) -> torch.Tensor:
+    # x / sqrt(mean(x^2) + eps) * w == x / sqrt(sum(x^2) + eps*dim) * (w * sqrt(dim)): a sum instead of
+    # a mean, which on CPU costs a division and two dtype copies; F.rms_norm is no faster there.
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + scaled_eps) * scaled_weight
+
+
 class _LeanDecoder:
-    """A Llama-style forward pass with a preallocated KV cache (batch 1)."""
+    """A Llama-style forward pass for one sequence, on 2-D (tokens, features) tensors with a preallocated
+    KV cache: a handful of tensor ops per layer instead of transformers' general machinery."""
 
-    def __init__(self, model, max_len: int, device):
-        self.core = model.model
-        self.lm_head = model.lm_head
-        self.layers = list(self.core.layers)
-        attention = self.layers[0].self_attn
-        self.head_dim = attention.head_dim
-        n_kv = model.config.num_key_value_heads
-        positions = torch.arange(max_len, device=device)[None]
-        probe = torch.empty(0, device=device, dtype=torch.float32)
-        self.cos, self.sin = self.core.rotary_emb(probe, positions)  # (1, max_len, head_dim)
-        shape = (1, n_kv, max_len, self.head_dim)
-        self.keys = [torch.empty(shape, device=device) for _ in self.layers]
-        self.values = [torch.empty(shape, device=device) for _ in self.layers]
+    def __init__(self, model, adapter: str | None, max_len: int, device):
+        core, config = model.model, model.config
+        self.embed = core.embed_tokens
+        self.final_norm = _norm(core.norm)
+        self.head = _linear(model.lm_head, adapter)
+        self.layers = [
+            (
+                _norm(layer.input_layernorm),
+                [_linear(getattr(layer.self_attn, f"{name}_proj"), adapter) for name in "qkvo"],
+                _norm(layer.post_attention_layernorm),
+                [_linear(getattr(layer.mlp, f"{name}_proj"), adapter) for name in ("gate", "up", "down")],
+                layer.mlp.act_fn,
+            )
+            for layer in core.layers
+        ]
+        self.head_dim = core.layers[0].self_attn.head_dim
+        self.scale = core.layers[0].self_attn.scaling
+        self.n_kv = config.num_key_value_heads
+        self.group = config.num_attention_heads // self.n_kv  # query heads per KV head
+        dtype = self.embed.weight.dtype
+        probe = torch.empty(0, device=device, dtype=dtype)
+        cos, sin = core.rotary_emb(probe, torch.arange(max_len, device=device)[None])  # (1, max_len, head_dim)
+        self.cos, self.sin = cos[0, :, None], sin[0, :, None]  # (max_len, 1, head_dim)
+        self.half_turn = _half_turn(self.head_dim, cos.dtype, device)
+        shape = (self.n_kv, max_len, self.head_dim)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = self.head_dim // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    def _rotary(self, start: int, end: int):
+        """Functions applying RoPE to keys and queries (t, heads, head_dim) at positions start..end-1.
+
+        Queries also take the attention scale. One decoding position folds the rotation into one
+        (head_dim, head_dim) matrix, so each layer rotates with one matmul instead of five ops.
+        """
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        if end - start > 1:
+            return (
+                lambda k: k * cos + (k @ self.half_turn) * sin,
+                lambda q: (q * cos + (q @ self.half_turn) * sin) * self.scale,
+            )
+        key_turn = torch.diag_embed(cos[0, 0]) + self.half_turn * sin[0]  # x @ key_turn == x*cos + rotate_half(x)*sin
+        query_turn = key_turn * self.scale
+        return (lambda k: k @ key_turn), (lambda q: q @ query_turn)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Attention output (t, heads * head_dim) for scaled queries (t, heads, head_dim)."""
+        length = q.shape[0]
+        if length > 1:  # the prompt starts at position 0, so the causal mask is square
+            q = q.transpose(0, 1)[None].to(keys.dtype)  # (1, heads, t, head_dim); bf16 under autocast
+            out = F.scaled_dot_product_attention(
+                q, keys[None], values[None], is_causal=True, scale=1.0, enable_gqa=True
+            )  # (1, heads, t, head_dim)
+            return out[0].transpose(0, 1).reshape(length, -1)
+        q = q.view(self.n_kv, self.group, self.head_dim)  # head h reads KV head h // group
+        weights = torch.softmax(torch.bmm(q, keys.transpose(1, 2)), dim=-1)  # (kv, group, seen)
+        return torch.bmm(weights, values).view(1, -1)
 
     def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits (vocab,) after the tokens `ids` (1, t) placed at positions start..start+t-1."""
-        length = ids.shape[1]
+        """Logits (vocab,) after the tokens `ids` (t,) placed at positions start..start+t-1."""
+        length = ids.shape[0]
         end = start + length
-        cos, sin = self.cos[:, None, start:end], self.sin[:, None, start:end]  # (1, 1, t, head_dim)
-        x = self.core.embed_tokens(ids)  # (1, t, hidden)
+        rotate_keys, rotate_queries = self._rotary(start, end)
+        x = self.embed(ids)  # (t, hidden)
         for layer, keys, values in zip(self.layers, self.keys, self.values):
-            attention = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attention.q_proj(h).view(1, length, -1, self.head_dim).transpose(1, 2)  # (1, heads, t, hd)
-            k = attention.k_proj(h).view(1, length, -1, self.head_dim).transpose(1, 2)  # (1, kv_heads, t, hd)
-            v = attention.v_proj(h).view(1, length, -1, self.head_dim).transpose(1, 2)
-            keys[:, :, start:end] = self._rotate(k, cos, sin)
-            values[:, :, start:end] = v
-            out = F.scaled_dot_product_attention(
-                self._rotate(q, cos, sin).to(keys.dtype),
-                keys[:, :, :end],
-                values[:, :, :end],
-                is_causal=length > 1,  # a prompt starts at 0, so the causal mask is square
-                scale=attention.scaling,
-                enable_gqa=True,
-            )
-            x = x + attention.o_proj(out.transpose(1, 2).reshape(1, length, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.core.norm(x[:, -1]))[0]
+            norm_in, (q_proj, k_proj, v_proj, o_proj), norm_mid, (gate, up, down), act = layer
+            h = _rms_norm(x, *norm_in)
+            keys[:, start:end] = rotate_keys(k_proj(h).view(length, -1, self.head_dim)).transpose(0, 1)
+            values[:, start:end] = v_proj(h).view(length, -1, self.head_dim).transpose(0, 1)
+            q = rotate_queries(q_proj(h).view(length, -1, self.head_dim))  # (t, heads, head_dim)
+            x = x + o_proj(self._attend(q, keys[:, :end], values[:, :end]))
+            h = _rms_norm(x, *norm_mid)
+            x = x + down(act(gate(h)) * up(h))
+        return self.head(_rms_norm(x[-1:], *self.final_norm))[0]
 
 
 class _CachedDecoder:
@@ -152,10 +228,10 @@ class _CachedDecoder:
 
     def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         kwargs = {self.cache_argument: self.cache}
-        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).logits[0, -1]
+        return self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1, **kwargs).logits[0, -1]
 
 
-def _decoder(backbone: SharedBackbone, max_len: int):
+def _decoder(backbone: SharedBackbone, adapter: str | None, max_len: int):
     model = backbone.base
     config = model.config
     lean = (
@@ -163,7 +239,7 @@ def _decoder(backbone: SharedBackbone, max_len: int):
         and hasattr(getattr(model, "model", None), "rotary_emb")
         and _SDPA_HAS_GQA
     )
-    return _LeanDecoder(model, max_len, backbone.device) if lean else _CachedDecoder(model)
+    return _LeanDecoder(model, adapter, max_len, backbone.device) if lean else _CachedDecoder(model)
 
 
 def stream_tokens(
@@ -201,8 +277,8 @@ def _stream(backbone: SharedBackbone, prompt_ids: list[int], max_new_tokens: int
     # Inference mode and the adapter are entered per forward pass, never held across a `yield`:
     # they are thread state, and the consumer runs its own code between two chunks.
     with torch.inference_mode(), backbone.adapter(adapter), backbone.autocast_context():
-        step = _decoder(backbone, len(prompt_ids) + max_new_tokens)
-        token = pick(step(torch.tensor([prompt_ids], device=backbone.device), 0))
+        step = _decoder(backbone, adapter, len(prompt_ids) + max_new_tokens)
+        token = pick(step(torch.tensor(prompt_ids, device=backbone.device), 0))
     for position in range(len(prompt_ids), len(prompt_ids) + max_new_tokens):
         if token in stops:
             break
@@ -212,7 +288,7 @@ def _stream(backbone: SharedBackbone, prompt_ids: list[int], max_new_tokens: int
         if position == len(prompt_ids) + max_new_tokens - 1:
             break
         with torch.inference_mode(), backbone.adapter(adapter):
-            token = pick(step(torch.tensor([[token]], device=backbone.device), position))
+            token = pick(step(torch.tensor([token], device=backbone.device), position))
     tail = text.flush()
     if tail:
         yield tail

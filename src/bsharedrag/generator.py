@@ -6,8 +6,7 @@ Training examples are (question, passages, answer) triples:
   sample). ePQA queries carry 3-5 crowd answers and HetPQA queries one or two; every answer is a
   valid target, and the cap keeps the few many-answer queries from dominating an epoch.
 * The question is `query.text` (for ePQA it starts with the product title), and the passages are the
-  retriever's `top_k` for it, searched within the query's product when the query names one (as a
-  shop asks from a product page).
+  retriever's `top_k` for it over the whole corpus, as evaluation retrieves them.
 * Retrieval misses: when no qrels-relevant document is among the passages, with probability
   `gold_rate` the best-graded relevant document replaces the last passage, at a random position,
   so the model sees both answerable prompts and prompts it must answer without support.
@@ -25,7 +24,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import GeneratorConfig
-from .data import Dataset, Document, load_dataset
+from .data import Dataset, Document
 from .progress import progress
 from .prompt import citation_marker, encode_answer, encode_prompt
 from .training import micro_batches, seed_everything, step_batches, train_loop
@@ -52,14 +51,13 @@ __all__ = [
     "build_triples",
     "collate",
     "encode_triple",
-    "load_training_datasets",
     "train_generator",
 ]
 
 ADAPTER = "generator"
 IGNORE_INDEX = -100
 MAX_ANSWERS_PER_QUERY = 3
-_SEARCH_BATCH = 64
+_SEARCH_BATCH = 32  # questions embedded per retriever call
 
 
 @dataclass(frozen=True)
@@ -71,25 +69,15 @@ class Triple:
     query_id: str = ""
 
 
-def load_training_datasets(settings: GeneratorConfig, seed: int = 0, strict: bool = False) -> list[Dataset]:
-    """The datasets named in `settings.datasets`, each cut to its `max_queries` (a seeded sample)."""
-    return [load_dataset(ref.path, ref.split, strict).sample(ref.max_queries, seed) for ref in settings.datasets]
-
-
 def _retrieve(retriever: DenseRetriever, queries: list, top_k: int) -> dict[str, list[Document]]:
-    """query id -> its top_k documents; queries are searched in batches that share a product."""
-    by_product: dict[str | None, list] = defaultdict(list)
-    for query in queries:
-        by_product[query.product_id].append(query)
+    """query id -> the retriever's top_k documents for `query.text`."""
     found: dict[str, list[Document]] = {}
     bar = progress(total=len(queries), desc="retrieving passages for the generator")
-    for product, group in by_product.items():
-        for start in range(0, len(group), _SEARCH_BATCH):
-            batch = group[start : start + _SEARCH_BATCH]
-            results = retriever.search([q.text for q in batch], top_k, product_id=product)
-            for query, hits in zip(batch, results, strict=True):
-                found[query.id] = [hit.doc for hit in hits]
-            bar.update(len(batch))
+    for start in range(0, len(queries), _SEARCH_BATCH):
+        batch = queries[start : start + _SEARCH_BATCH]
+        for query, hits in zip(batch, retriever.search([q.text for q in batch], top_k), strict=True):
+            found[query.id] = [hit.doc for hit in hits]
+        bar.update(len(batch))
     bar.close()
     return found
 
@@ -108,19 +96,31 @@ def _with_gold(
 
 
 def build_triples(
-    datasets: list[Dataset], retriever: DenseRetriever | None, settings: GeneratorConfig, seed: int = 0
+    datasets: list[Dataset],
+    retrievers: DenseRetriever | Sequence[DenseRetriever] | None,
+    settings: GeneratorConfig,
+    seed: int = 0,
 ) -> list[Triple]:
     """Training triples for every query with reference answers (see the module docstring for the rules).
 
-    `retriever` must index the corpora of `datasets`; it may be None when `settings.with_passages` is False.
+    `retrievers` is one retriever for all datasets or one per dataset, each indexing its dataset's
+    corpus; it may be None when `settings.with_passages` is False.
     """
-    if settings.with_passages and retriever is None:
+    if not settings.with_passages:
+        per_dataset = [None] * len(datasets)
+    elif retrievers is None:
         raise ValueError("a retriever is needed to build triples with passages (or set with_passages=False)")
+    elif isinstance(retrievers, Sequence):
+        if len(retrievers) != len(datasets):
+            raise ValueError(f"got {len(retrievers)} retrievers for {len(datasets)} datasets; pass one or one each")
+        per_dataset = list(retrievers)
+    else:
+        per_dataset = [retrievers] * len(datasets)
     rng = random.Random(seed)
     triples: list[Triple] = []
-    for dataset in datasets:
+    for dataset, retriever in zip(datasets, per_dataset, strict=True):
         queries = [query for query in dataset.queries if query.answers]
-        retrieved = _retrieve(retriever, queries, settings.top_k) if settings.with_passages else {}
+        retrieved = _retrieve(retriever, queries, settings.top_k) if retriever is not None else {}
         for query in queries:
             answers = list(query.answers)
             if len(answers) > MAX_ANSWERS_PER_QUERY:

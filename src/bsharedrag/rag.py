@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .config import GeneratorConfig
+from .config import Config, GeneratorConfig
 from .generate import stream_tokens
 from .prompt import encode_prompt, parse_citations
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .index import Hit
     from .retriever import DenseRetriever
 
-__all__ = ["RAG", "Answer", "Citation"]
+__all__ = ["RAG", "Answer", "Citation", "load_rag"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,11 @@ class Answer:
 
 
 class RAG:
-    """Retrieval-augmented answers from one shared backbone with retriever and generator adapters."""
+    """Retrieval-augmented answers from one shared backbone with retriever and generator adapters.
+
+    `retriever` may be None for a RAG that only answers over given passages (`ask(passages=...)`) or, with
+    `settings.with_passages` False, closed-book.
+    """
 
     def __init__(
         self,
@@ -51,8 +55,6 @@ class RAG:
         settings: GeneratorConfig,
         adapter: str | None = "generator",
     ):
-        if settings.with_passages and retriever is None:
-            raise ValueError("a retriever is needed when settings.with_passages is True")
         if adapter is not None and adapter not in backbone.adapters:
             raise KeyError(f"unknown generator adapter {adapter!r}; known adapters: {backbone.adapters or 'none'}")
         self.backbone = backbone
@@ -69,6 +71,8 @@ class RAG:
     def search(self, question: str, top_k: int | None = None, product_id: str | None = None) -> list[Hit]:
         """The `top_k` best passages for `question` (default `settings.top_k`), best first."""
         question = self._check_question(question)
+        if self.retriever is None:
+            raise ValueError("this RAG has no retriever: pass `passages` to ask/stream, or give it a retriever")
         top_k = self.settings.top_k if top_k is None else top_k
         if not isinstance(top_k, int) or top_k <= 0:
             raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
@@ -80,17 +84,41 @@ class RAG:
         top_k: int | None = None,
         product_id: str | None = None,
         max_new_tokens: int = 128,
+        passages: list[Hit] | None = None,
         **sampling,
     ) -> Iterator[str | Answer]:
         """Yield the answer text in chunks as it is generated, then the complete `Answer`.
 
-        `sampling` is passed to `stream_tokens` (temperature, top_p, seed); the default is greedy.
+        `passages` skips retrieval and answers from the given hits (evaluation compares systems on
+        the same passages). `sampling` is passed to `stream_tokens` (temperature, top_p, seed); the
+        default is greedy.
         """
         question = self._check_question(question)
-        hits = self.search(question, top_k, product_id) if self.settings.with_passages else []
+        if passages is not None:
+            hits = list(passages)
+        else:
+            hits = self.search(question, top_k, product_id) if self.settings.with_passages else []
+        return self._generate(question, hits, max_new_tokens, self.adapter, sampling)
+
+    def ask(
+        self,
+        question: str,
+        top_k: int | None = None,
+        product_id: str | None = None,
+        max_new_tokens: int = 128,
+        passages: list[Hit] | None = None,
+        **sampling,
+    ) -> Answer:
+        """The answer to `question` with its citations and the passages it was given."""
+        *_, answer = self.stream(question, top_k, product_id, max_new_tokens, passages, **sampling)
+        return answer
+
+    def _generate(
+        self, question: str, hits: list[Hit], max_new_tokens: int, adapter: str | None, sampling: dict
+    ) -> Iterator[str | Answer]:
         prompt = encode_prompt(self.backbone.tokenizer, question, [hit.doc for hit in hits], self.settings)
-        hits = hits[: prompt.n_passages]
-        chunks = stream_tokens(self.backbone, prompt.ids, max_new_tokens, adapter=self.adapter, **sampling)
+        hits = hits[: prompt.n_passages]  # passages cut to fit the prompt cannot be cited
+        chunks = stream_tokens(self.backbone, prompt.ids, max_new_tokens, adapter=adapter, **sampling)
         return self._answer_after(chunks, hits)
 
     @staticmethod
@@ -106,14 +134,18 @@ class RAG:
         ]
         yield Answer(text, citations, hits)
 
-    def ask(
-        self,
-        question: str,
-        top_k: int | None = None,
-        product_id: str | None = None,
-        max_new_tokens: int = 128,
-        **sampling,
-    ) -> Answer:
-        """The answer to `question` with its citations and the passages it was given."""
-        *_, answer = self.stream(question, top_k, product_id, max_new_tokens, **sampling)
-        return answer
+
+def load_rag(config: Config, with_generator: bool = True) -> RAG:
+    """The RAG of a finished run folder: its domain backbone (loaded once), both adapters, its index."""
+    from .index import VectorIndex
+    from .pipeline import Pipeline
+    from .retriever import ADAPTER as RETRIEVER, DenseRetriever
+
+    pipeline = Pipeline(config)
+    pipeline.ensure_adapter(RETRIEVER)
+    expect = {"backbone": pipeline.manifest("pretrain")["id"], "adapter": pipeline.manifest(RETRIEVER)["id"]}
+    index = VectorIndex.open(pipeline.folder("index"), expect=expect)
+    retriever = DenseRetriever(pipeline.backbone(), index, config.retriever)
+    if with_generator:
+        pipeline.ensure_adapter("generator")
+    return RAG(pipeline.backbone(), retriever, config.generator, adapter="generator" if with_generator else None)

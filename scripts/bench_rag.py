@@ -1,0 +1,99 @@
+"""Memory and latency of RAG on one shared backbone versus two separately loaded copies.
+
+    python scripts/bench_rag.py --run runs/quick
+
+Each configuration runs in a fresh subprocess so that its peak resident memory (ru_maxrss) is its
+own. Reports: peak RSS of the backbone alone, of `ask` with both adapters on one backbone, and of
+`ask` with each adapter on its own copy; the cost of one adapter switch (ours and peft's
+`set_adapter`); time to first token and tokens per second of generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QUESTION = "Frigidaire 240337103 Crisper Pan for Refrigerator: will this fit a kenmore refrigerator?"
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(mode: str, run: str) -> dict:
+    from bsharedrag.backbone import SharedBackbone
+    from bsharedrag.config import load_config
+    from bsharedrag.index import VectorIndex
+    from bsharedrag.pipeline import Pipeline
+    from bsharedrag.rag import RAG, load_rag
+    from bsharedrag.retriever import DenseRetriever
+
+    config = load_config(Path(run) / "config.yaml", [f"run_dir={run}"])
+    pipeline = Pipeline(config)
+    if mode == "backbone":
+        pipeline.backbone()
+        return {"peak_rss_mib": _peak_mib()}
+    if mode == "shared":
+        rag = load_rag(config)
+    else:  # two copies: the retriever's backbone and the generator's backbone share nothing
+        retriever_backbone = SharedBackbone.load(config.backbone, pipeline.backbone_path())
+        retriever_backbone.load_adapter("retriever", pipeline.folder("retriever"))
+        generator_backbone = SharedBackbone.load(config.backbone, pipeline.backbone_path())
+        generator_backbone.load_adapter("generator", pipeline.folder("generator"))
+        index = VectorIndex.open(pipeline.folder("index"))
+        rag = RAG(generator_backbone, DenseRetriever(retriever_backbone, index, config.retriever), config.generator)
+    rag.ask(QUESTION, max_new_tokens=8)  # warm-up
+    started = time.perf_counter()
+    first = None
+    for chunk in rag.stream(QUESTION, max_new_tokens=64):
+        if isinstance(chunk, str):
+            first = first or time.perf_counter()
+    total = time.perf_counter() - started
+    result = {"peak_rss_mib": _peak_mib(), "ask_seconds": round(total, 3),
+              "time_to_first_text_s": round((first or time.perf_counter()) - started, 3)}
+    if mode == "shared":
+        result.update(_switch_costs(rag.backbone))
+    return result
+
+
+def _switch_costs(backbone) -> dict:
+    n = 2000
+    started = time.perf_counter()
+    for i in range(n):
+        backbone.use("retriever" if i % 2 else "generator")
+    ours = (time.perf_counter() - started) / n
+    peft_model = backbone.model
+    started = time.perf_counter()
+    for i in range(50):
+        peft_model.set_adapter("retriever" if i % 2 else "generator")
+    theirs = (time.perf_counter() - started) / 50
+    backbone.use(None)
+    return {"switch_ms": round(ours * 1e3, 4), "peft_set_adapter_ms": round(theirs * 1e3, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/quick")
+    parser.add_argument("--child", choices=["backbone", "shared", "separate"])
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.run)))
+        return
+    results = {}
+    for mode in ("backbone", "shared", "separate"):
+        out = subprocess.run([sys.executable, __file__, "--run", args.run, "--child", mode],
+                             capture_output=True, text=True, check=True)
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    alone = results["backbone"]["peak_rss_mib"]
+    results["shared_over_backbone"] = round(results["shared"]["peak_rss_mib"] / alone, 3)
+    results["separate_over_backbone"] = round(results["separate"]["peak_rss_mib"] / alone, 3)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Catalogue updates on a run's index, shared by the server and `bsharedrag docs add|rm`.
+
+An upsert embeds the documents with the retriever adapter, then writes them and their vectors in
+one SQLite transaction (`VectorIndex.upsert`): acknowledged means durable, and a batch interrupted
+by a crash leaves nothing behind. The FAISS snapshot is only a loading shortcut; a stale one is
+rebuilt from SQLite when the index is opened.
+
+A serving process holds an exclusive `flock` on `serve.lock` in the index folder. The CLI refuses to
+write while it is held, because the server's in-memory FAISS index would not see the change (and
+its next snapshot would record a generation it does not hold). The kernel drops the lock when the
+process dies, even by kill -9, so a crashed server never blocks the CLI.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..data import Document
+
+if TYPE_CHECKING:
+    from ..index import VectorIndex
+    from ..rag import RAG
+
+__all__ = ["ServingLockError", "delete_documents", "read_documents", "serving_lock", "upsert_documents"]
+
+_LOCK = "serve.lock"
+
+
+class ServingLockError(RuntimeError):
+    """Another process is serving this index."""
+
+
+def read_documents(path: Path) -> list[Document]:
+    """Documents of a corpus.jsonl file; any malformed line is an error naming its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"document file {path} does not exist")
+    docs = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(Document.from_json(json.loads(line)))
+            except (json.JSONDecodeError, ValueError) as error:
+                raise ValueError(f"{path}:{number}: {error}") from error
+    if not docs:
+        raise ValueError(f"{path} holds no document")
+    ids = [doc.id for doc in docs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path} repeats document ids: {sorted({i for i in ids if ids.count(i) > 1})[:10]}")
+    return docs
+
+
+def upsert_documents(rag: RAG, docs: Sequence[Document], batch_tokens: int = 4096) -> int:
+    """Embed `docs` with the retriever adapter and insert or replace them, all or none; returns the count."""
+    if not docs:
+        raise ValueError("no documents to upsert")
+    retriever = rag.retriever
+    vectors = retriever.encoder.embed_passages(list(docs), batch_tokens)  # (len(docs), dim)
+    retriever.index.upsert(list(docs), vectors)
+    return len(docs)
+
+
+def delete_documents(index: VectorIndex, doc_ids: Sequence[str]) -> list[str]:
+    """Remove documents by id (one transaction); returns the ids that were not in the index."""
+    missing = [doc_id for doc_id in doc_ids if index.get(doc_id) is None]
+    index.delete(list(doc_ids))
+    return missing
+
+
+@contextmanager
+def serving_lock(index_folder: Path, holder: str = "server") -> Iterator[None]:
+    """Hold the index's serving lock for the duration of the block; raises ServingLockError if taken."""
+    if not Path(index_folder).is_dir():
+        raise FileNotFoundError(f"no index at {index_folder}; build one with `bsharedrag index`")
+    path = Path(index_folder) / _LOCK
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the whole block
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise ServingLockError(
+                f"the index at {index_folder} is in use by {owner}; send updates to the running server "
+                f"(PUT/DELETE /v1/documents) or stop it first"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{holder} pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing the file releases the lock

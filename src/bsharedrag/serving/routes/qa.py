@@ -1,0 +1,72 @@
+"""`POST /v1/search` and `POST /v1/ask` (JSON, or server-sent events when `stream` is true)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from ...rag import Answer
+from ..deps import EngineDep, ServeDep, require_reader
+from ..schemas import AskRequest, AskResponse, PassageOut, SearchRequest, SearchResponse
+from ._common import ERRORS, check_max_new_tokens, check_question, check_top_k, engine_errors, sse
+
+router = APIRouter(prefix="/v1", tags=["qa"], dependencies=[Depends(require_reader)], responses=ERRORS)
+
+_SSE_DOC = {
+    200: {
+        "description": "JSON, or with `stream: true` server-sent events: `token` events `{\"text\"}`, "
+        "then one `answer` event holding the AskResponse (or one `error` event `{\"detail\"}`).",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
+@router.post("/search", response_model=SearchResponse)
+async def search(body: SearchRequest, engine: EngineDep, serve: ServeDep) -> SearchResponse:
+    """The passages that best match a question, best first, optionally from one product only."""
+    question = check_question(body.question, serve)
+    check_top_k(body.top_k, serve)
+    with engine_errors():
+        hits = await engine.search(question, body.top_k or engine.rag.settings.top_k, body.product_id)
+    return SearchResponse(passages=[PassageOut.of_hit(hit) for hit in hits])
+
+
+@router.post("/ask", response_model=AskResponse, responses=_SSE_DOC)
+async def ask(body: AskRequest, engine: EngineDep, serve: ServeDep):
+    """Answer a question from retrieved passages, with citations; streamed as server-sent events on request."""
+    question = check_question(body.question, serve)
+    check_top_k(body.top_k, serve)
+    max_new_tokens = check_max_new_tokens(body.max_new_tokens, serve)
+    parts = engine.answer(question, body.top_k, body.product_id, max_new_tokens, endpoint="ask")
+    with engine_errors():
+        first = await anext(parts)  # a full queue or a bad request fails here, before any byte is sent
+    if not body.stream:
+        answer = first
+        try:
+            with engine_errors():
+                async for answer in parts:  # noqa: B007 - the last part is the Answer
+                    pass
+        finally:
+            await parts.aclose()
+        return AskResponse.of(answer)
+    return StreamingResponse(_events(first, parts), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _events(first: str | Answer, parts: AsyncIterator[str | Answer]) -> AsyncIterator[str]:
+    try:
+        part = first
+        while True:
+            if isinstance(part, Answer):
+                yield sse(AskResponse.of(part).model_dump_json(by_alias=True), event="answer")
+            else:
+                yield sse({"text": part}, event="token")
+            part = await anext(parts)
+    except StopAsyncIteration:
+        pass
+    except Exception as error:  # noqa: BLE001 - the status line is sent already; report in-band
+        yield sse({"detail": f"generation failed: {error}"}, event="error")
+    finally:
+        await parts.aclose()
