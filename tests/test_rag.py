@@ -69,12 +69,11 @@ def test_zero_shot_runs_the_bare_model(retriever):
     assert isinstance(answer, Answer)
 
 
-@pytest.mark.parametrize("call", ["ask", "stream", "search", "answer"])
+@pytest.mark.parametrize("call", ["ask", "stream", "search"])
 @pytest.mark.parametrize("question", ["", "   ", "\n\t"])
 def test_empty_question_raises(backbone, retriever, call, question):
     with pytest.raises(ValueError, match="question must be non-empty"):
-        method = getattr(RAG(backbone, retriever, GeneratorConfig()), call)
-        method(question, []) if call == "answer" else method(question)
+        getattr(RAG(backbone, retriever, GeneratorConfig()), call)(question)
     assert retriever.calls == []
 
 
@@ -84,7 +83,8 @@ def test_bad_top_k_raises(backbone, retriever, top_k):
         RAG(backbone, retriever, GeneratorConfig()).search("Does it fit?", top_k=top_k)
 
 
-def test_answer_over_given_passages_needs_no_retriever(backbone, monkeypatch):
+@pytest.mark.parametrize("adapter", ["generator", None])
+def test_given_passages_need_no_retriever(backbone, monkeypatch, adapter):
     used = []
 
     def fake_stream_tokens(backbone, prompt_ids, max_new_tokens, adapter="generator", **sampling):
@@ -92,11 +92,11 @@ def test_answer_over_given_passages_needs_no_retriever(backbone, monkeypatch):
         yield "Yes [1]."
 
     monkeypatch.setattr(rag_module, "stream_tokens", fake_stream_tokens)
-    rag = RAG(backbone, None, GeneratorConfig())
+    rag = RAG(backbone, None, GeneratorConfig(), adapter=adapter)
     hits = FakeRetriever(DOCS[1:]).search(["q"], 2)[0]
-    assert rag.answer("Does it fit?", hits).citations == [Citation(1, "d2", "Crisper drawer")]
-    rag.answer("Does it fit?", hits, adapter=None)
-    assert used == ["generator", None]
+    answer = rag.ask("Does it fit?", passages=hits)
+    assert answer.citations == [Citation(1, "d2", "Crisper drawer")] and answer.passages == hits
+    assert used == [adapter]
     with pytest.raises(ValueError, match="no retriever"):
         rag.ask("Does it fit?")
 

@@ -90,9 +90,16 @@ class VectorIndex:
             import faiss
 
             faiss_index = faiss.read_index(str(snapshot))
-        if faiss_index is None or faiss_index.ntotal != len(connection.execute("SELECT 1 FROM docs").fetchall()):
+        stale = faiss_index is None or faiss_index.ntotal != len(connection.execute("SELECT 1 FROM docs").fetchall())
+        if stale:
             faiss_index = _build_faiss(connection, manifest["dim"])
-        return cls(folder, manifest, connection, faiss_index)
+        index = cls(folder, manifest, connection, faiss_index)
+        if stale:
+            try:
+                index.save()  # so that the next start loads the snapshot instead of rebuilding it again
+            except OSError:
+                pass  # a read-only folder still serves; it rebuilds at each start
+        return index
 
     def save(self) -> None:
         """Write the FAISS snapshot and the manifest (the documents are already durable in SQLite)."""
