@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 from fastapi import HTTPException, status
@@ -20,6 +20,8 @@ __all__ = [
     "check_question",
     "check_top_k",
     "engine_errors",
+    "final_answer",
+    "SSE_HEADERS",
     "sse",
     "unprocessable",
 ]
@@ -86,3 +88,18 @@ def sse(data: dict | str, event: str | None = None) -> str:
     """One server-sent event; `data` is sent as JSON unless it is already a string."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def final_answer(first, parts: AsyncIterator):
+    """Drain an answer stream whose first part is `first`; its last part is the `Answer`."""
+    answer = first
+    try:
+        with engine_errors():
+            async for answer in parts:  # noqa: B007 - the last part is the Answer
+                pass
+    finally:
+        await parts.aclose()
+    return answer

@@ -31,11 +31,13 @@ from ..openai_schemas import (
 )
 from ._common import (
     ERRORS,
+    SSE_HEADERS,
     check_batch,
     check_max_new_tokens,
     check_question,
     check_top_k,
     engine_errors,
+    final_answer,
     sse,
     unprocessable,
 )
@@ -101,17 +103,11 @@ async def chat_completions(body: ChatRequest, engine: EngineDep, serve: ServeDep
         first = await anext(parts)
     reply = _Reply(engine, question, body.retrieval, max_new_tokens)
     if not body.stream:
-        answer = first
-        try:
-            with engine_errors():
-                async for answer in parts:  # noqa: B007 - the last part is the Answer
-                    pass
-        finally:
-            await parts.aclose()
+        answer = await final_answer(first, parts)
         return reply.response(answer)
     usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(reply.events(first, parts, usage), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers=SSE_HEADERS)
 
 
 class _Reply:

@@ -10,7 +10,16 @@ from fastapi.responses import StreamingResponse
 from ...rag import Answer
 from ..deps import EngineDep, ServeDep, require_reader
 from ..schemas import AskRequest, AskResponse, PassageOut, SearchRequest, SearchResponse
-from ._common import ERRORS, check_max_new_tokens, check_question, check_top_k, engine_errors, sse
+from ._common import (
+    ERRORS,
+    SSE_HEADERS,
+    check_max_new_tokens,
+    check_question,
+    check_top_k,
+    engine_errors,
+    final_answer,
+    sse,
+)
 
 router = APIRouter(prefix="/v1", tags=["qa"], dependencies=[Depends(require_reader)], responses=ERRORS)
 
@@ -43,16 +52,10 @@ async def ask(body: AskRequest, engine: EngineDep, serve: ServeDep):
     with engine_errors():
         first = await anext(parts)  # a full queue or a bad request fails here, before any byte is sent
     if not body.stream:
-        answer = first
-        try:
-            with engine_errors():
-                async for answer in parts:  # noqa: B007 - the last part is the Answer
-                    pass
-        finally:
-            await parts.aclose()
+        answer = await final_answer(first, parts)
         return AskResponse.of(answer)
     return StreamingResponse(_events(first, parts), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers=SSE_HEADERS)
 
 
 async def _events(first: str | Answer, parts: AsyncIterator[str | Answer]) -> AsyncIterator[str]:
