@@ -235,8 +235,10 @@ class SharedBackbone:
         self._check_known(name)
         active, disabled = [name] if name else [], name is None
         for layer in self._lora_layers:
-            layer._active_adapter = active
-            layer._disable_adapters = disabled
+            # Plain attributes: writing the instance dict skips nn.Module.__setattr__'s registry checks.
+            state = vars(layer)
+            state["_active_adapter"] = active
+            state["_disable_adapters"] = disabled
         self._active = name
 
     @contextlib.contextmanager
