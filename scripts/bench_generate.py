@@ -1,6 +1,6 @@
 """Decoding speed of `stream_tokens` on the real backbone: time to first token and tokens/s.
 
-    python scripts/bench_generate.py [--new-tokens 64] [--prompt-tokens 300] [--repeats 3]
+    python scripts/bench_generate.py [--new-tokens 64] [--prompt-tokens 300] [--repeats 3] [--threads N]
 
 Runs a ~300-token RAG prompt built from ePQA passages, with no adapter and with an untrained LoRA
 `generator`, under fp32 and under the backbone's bf16 autocast for the prompt. Two reference
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import time
@@ -67,9 +68,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
 
-    backbone = SharedBackbone.load(BackboneConfig(precision="fp32"))
+    backbone = SharedBackbone.load(BackboneConfig(precision="fp32", threads=args.threads))
     backbone.add_adapter("generator", LoraSettings())
     prompt_ids = _prompt(backbone, args.prompt_tokens)
     generation.stop_token_ids = lambda tokenizer, model=None: set()  # benchmark a fixed number of tokens
@@ -77,24 +79,25 @@ def main() -> None:
           f"prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, median of {args.repeats}")
 
     bf16 = torch.bfloat16
-    cases = [
-        ("stream_tokens, fp32", None, lambda b, a: _time_stream(b, prompt_ids, args.new_tokens, a)),
-        ("stream_tokens, bf16 prompt", bf16, lambda b, a: _time_stream(b, prompt_ids, args.new_tokens, a)),
-        ("lean loop, bf16 autocast decode", bf16,
-         lambda b, a: _time_reference(b, prompt_ids, args.new_tokens, a, lean=True, decode_autocast=True)),
-        ("transformers forward + cache, fp32", None,
-         lambda b, a: _time_reference(b, prompt_ids, args.new_tokens, a, lean=False, decode_autocast=False)),
+    stream = functools.partial(_time_stream, prompt_ids=prompt_ids, new_tokens=args.new_tokens)
+    reference = functools.partial(_time_reference, prompt_ids=prompt_ids, new_tokens=args.new_tokens)
+    cases = [  # (label, autocast, runs, timer); the slow reference loops run once
+        ("stream_tokens, fp32", None, args.repeats, stream),
+        ("stream_tokens, bf16 prompt", bf16, args.repeats, stream),
+        ("lean loop, bf16 autocast decode", bf16, 1, functools.partial(reference, lean=True, decode_autocast=True)),
+        ("transformers forward+cache, fp32", None, 1, functools.partial(reference, lean=False, decode_autocast=False)),
     ]
-    _time_stream(backbone, prompt_ids, 8, None)  # warm-up
-    print(f"{'variant':38} {'adapter':10} {'first token s':>14} {'decode tok/s':>13}")
-    for label, autocast, run in cases:
+    stream(backbone, adapter=None)  # warm-up
+    print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on these cores skew every number)")
+    print(f"{'variant':34} {'adapter':10} {'runs':>4} {'first token s':>14} {'decode tok/s':>13}")
+    for label, autocast, repeats, timer in cases:
         backbone.autocast = autocast
         for adapter in (None, "generator"):
-            runs = [run(backbone, adapter) for _ in range(args.repeats)]
+            runs = [timer(backbone, adapter=adapter) for _ in range(repeats)]
             ttft = statistics.median(r[0] for r in runs)
             rate = statistics.median(r[1] for r in runs)
-            print(f"{label:38} {adapter or 'none':10} {ttft:14.3f} {rate:13.1f}", flush=True)
-
+            print(f"{label:34} {adapter or 'none':10} {repeats:4} {ttft:14.3f} {rate:13.1f}", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 if __name__ == "__main__":
     main()
