@@ -165,9 +165,9 @@ class _LeanDecoder:
         cos, sin = core.rotary_emb(probe, torch.arange(max_len, device=device)[None])  # (1, max_len, head_dim)
         self.cos, self.sin = cos[0, :, None], sin[0, :, None]  # (max_len, 1, head_dim)
         self.half_turn = _half_turn(self.head_dim, cos.dtype, device)
-        shape = (self.n_kv, max_len, self.head_dim)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
+        # Keys are stored transposed, (kv, head_dim, max_len), so q @ k^T reads a row-major slice.
+        self.keys = [torch.empty(self.n_kv, self.head_dim, max_len, device=device, dtype=dtype) for _ in self.layers]
+        self.values = [torch.empty(self.n_kv, max_len, self.head_dim, device=device, dtype=dtype) for _ in self.layers]
 
     def _rotary(self, start: int, end: int):
         """Functions applying RoPE to keys and queries (t, heads, head_dim) at positions start..end-1.
@@ -185,17 +185,19 @@ class _LeanDecoder:
         query_turn = key_turn * self.scale
         return (lambda k: k @ key_turn), (lambda q: q @ query_turn)
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Attention output (t, heads * head_dim) for scaled queries (t, heads, head_dim)."""
+    def _attend(self, q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Attention output (t, heads * head_dim) for scaled queries (t, heads, head_dim).
+
+        `keys_t` is (kv, head_dim, seen) and `values` (kv, seen, head_dim).
+        """
         length = q.shape[0]
         if length > 1:  # the prompt starts at position 0, so the causal mask is square
-            q = q.transpose(0, 1)[None].to(keys.dtype)  # (1, heads, t, head_dim); bf16 under autocast
-            out = F.scaled_dot_product_attention(
-                q, keys[None], values[None], is_causal=True, scale=1.0, enable_gqa=True
-            )  # (1, heads, t, head_dim)
+            q = q.transpose(0, 1)[None].to(values.dtype)  # (1, heads, t, head_dim); bf16 under autocast
+            keys = keys_t.transpose(1, 2)[None]  # (1, kv, t, head_dim)
+            out = F.scaled_dot_product_attention(q, keys, values[None], is_causal=True, scale=1.0, enable_gqa=True)
             return out[0].transpose(0, 1).reshape(length, -1)
         q = q.view(self.n_kv, self.group, self.head_dim)  # head h reads KV head h // group
-        weights = torch.softmax(torch.bmm(q, keys.transpose(1, 2)), dim=-1)  # (kv, group, seen)
+        weights = torch.softmax(torch.bmm(q, keys_t), dim=-1)  # (kv, group, seen)
         return torch.bmm(weights, values).view(1, -1)
 
     def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -207,10 +209,10 @@ class _LeanDecoder:
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             norm_in, (q_proj, k_proj, v_proj, o_proj), norm_mid, (gate, up, down), act = layer
             h = _rms_norm(x, *norm_in)
-            keys[:, start:end] = rotate_keys(k_proj(h).view(length, -1, self.head_dim)).transpose(0, 1)
+            keys[:, :, start:end] = rotate_keys(k_proj(h).view(length, -1, self.head_dim)).permute(1, 2, 0)
             values[:, start:end] = v_proj(h).view(length, -1, self.head_dim).transpose(0, 1)
             q = rotate_queries(q_proj(h).view(length, -1, self.head_dim))  # (t, heads, head_dim)
-            x = x + o_proj(self._attend(q, keys[:, :end], values[:, :end]))
+            x = x + o_proj(self._attend(q, keys[:, :, :end], values[:, :end]))
             h = _rms_norm(x, *norm_mid)
             x = x + down(act(gate(h)) * up(h))
         return self.head(_rms_norm(x[-1:], *self.final_norm))[0]
@@ -238,6 +240,7 @@ def _decoder(backbone: SharedBackbone, adapter: str | None, max_len: int):
     config = model.config
     lean = (
         getattr(config, "model_type", None) in _LEAN_MODEL_TYPES
+        and not getattr(config, "use_sliding_window", False)  # the lean loop attends to every position
         and hasattr(getattr(model, "model", None), "rotary_emb")
         and _SDPA_HAS_GQA
     )
