@@ -212,6 +212,15 @@ class SharedBackbone:
         self._refresh_layers()
         self.use(self._active)
 
+    def remove_adapter(self, name: str) -> None:
+        """Delete adapter `name` if it is loaded (e.g. before retraining it from scratch)."""
+        if name not in self.adapters:
+            return
+        if self._active == name:
+            self.use(None)
+        self.model.delete_adapter(name)
+        self._refresh_layers()
+
     def save_adapter(self, name: str, path: Path) -> None:
         self._check_known(name)
         self.model.save_pretrained(path, selected_adapters=[name])

@@ -167,9 +167,7 @@ class Pipeline:
         from .retriever import ADAPTER, train_retriever, training_examples
 
         backbone = self.backbone()
-        if ADAPTER in backbone.adapters:  # retraining: start from a fresh adapter
-            backbone.model.delete_adapter(ADAPTER)
-            backbone._refresh_layers()
+        backbone.remove_adapter(ADAPTER)  # retraining starts from a fresh adapter
         negatives = json.loads((self.folder("mine") / "negatives.json").read_text())
         examples = training_examples([self.dataset(r) for r in self.config.retriever.datasets], negatives)
         return train_retriever(backbone, examples, self.config.retriever, folder, self.config.seed), {}
@@ -201,9 +199,7 @@ class Pipeline:
         from .indexing import retriever_for
 
         backbone = self.backbone()
-        if ADAPTER in backbone.adapters:
-            backbone.model.delete_adapter(ADAPTER)
-            backbone._refresh_layers()
+        backbone.remove_adapter(ADAPTER)
         datasets = [self.dataset(r) for r in self.config.generator.datasets]
         retrievers = [retriever_for(self, dataset) for dataset in datasets]
         triples = build_triples(datasets, retrievers, self.config.generator, self.config.seed)
