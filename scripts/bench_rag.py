@@ -3,8 +3,10 @@
     python scripts/bench_rag.py --run runs/quick
 
 Each configuration runs in a fresh subprocess so that its peak resident memory (ru_maxrss) is its
-own. Reports: peak RSS of the backbone alone, of `ask` with both adapters on one backbone, and of
-`ask` with each adapter on its own copy; the cost of one adapter switch (ours and peft's
+own. Reports peak RSS of: the backbone alone answering over given passages (no index); `bare`, the
+same `ask` as below (same index, question, retrieval and answer length) on the backbone with no
+adapter at all; `ask` with both adapters on one backbone; and `ask` with each adapter on its own
+copy. `shared_over_bare` is what the two adapters cost on top of the backbone doing the same work; the cost of one adapter switch (ours and peft's
 `set_adapter`); time to first token and tokens per second of generation.
 """
 
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -21,47 +22,41 @@ from pathlib import Path
 QUESTION = "Frigidaire 240337103 Crisper Pan for Refrigerator: will this fit a kenmore refrigerator?"
 
 
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(mode: str, run: str) -> dict:
     from bsharedrag.backbone import SharedBackbone
     from bsharedrag.config import load_config
+    from bsharedrag.efficiency import peak_rss_mib, time_answer
     from bsharedrag.index import VectorIndex
     from bsharedrag.pipeline import Pipeline
     from bsharedrag.rag import RAG, load_rag
-    from bsharedrag.retriever import DenseRetriever
+    from bsharedrag.retriever import DenseRetriever, Encoder
 
     config = load_config(Path(run) / "config.yaml", [f"run_dir={run}"])
     pipeline = Pipeline(config)
     if mode == "backbone":  # the bare backbone answering over given passages: every weight is touched
         rag = RAG(pipeline.backbone(), None, config.generator, adapter=None)
         rag.ask(QUESTION, passages=[], max_new_tokens=8)
-        return {"peak_rss_mib": round(_peak_mib(), 1)}
+        return {"peak_rss_mib": round(peak_rss_mib(), 1)}
     if mode == "shared":
         rag = load_rag(config)
+    elif mode == "bare":  # the same work with no adapter: what the adapters add is all that differs
+        backbone = pipeline.backbone()
+        index = VectorIndex.open(pipeline.folder("index"))
+        rag = RAG(backbone, DenseRetriever(Encoder(backbone, config.retriever, adapter=None), index),
+                  config.generator, adapter=None)
     else:  # two copies: the retriever's backbone and the generator's backbone share nothing
         retriever_backbone = SharedBackbone.load(config.backbone, pipeline.backbone_path())
         retriever_backbone.load_adapter("retriever", pipeline.folder("retriever"))
         generator_backbone = SharedBackbone.load(config.backbone, pipeline.backbone_path())
         generator_backbone.load_adapter("generator", pipeline.folder("generator"))
         index = VectorIndex.open(pipeline.folder("index"))
-        rag = RAG(generator_backbone, DenseRetriever(retriever_backbone, index, config.retriever), config.generator)
+        encoder = Encoder(retriever_backbone, config.retriever)
+        rag = RAG(generator_backbone, DenseRetriever(encoder, index), config.generator)
     rag.ask(QUESTION, max_new_tokens=8)  # warm-up
-    started = time.perf_counter()
-    first = None
-    for part in rag.stream(QUESTION, max_new_tokens=64):
-        if isinstance(part, str):
-            first = first or time.perf_counter()
-        else:
-            answer = part
-    total = time.perf_counter() - started
-    ttft = (first or time.perf_counter()) - started
-    tokens = len(rag.backbone.tokenizer(answer.text, add_special_tokens=False)["input_ids"])
-    result = {"peak_rss_mib": round(_peak_mib(), 1), "ask_seconds": round(total, 3),
-              "time_to_first_text_s": round(ttft, 3), "answer_tokens": tokens,
-              "decode_tokens_per_s": round((tokens - 1) / max(total - ttft, 1e-9), 1)}
+    timed = time_answer(rag, QUESTION, max_new_tokens=64)
+    result = {"peak_rss_mib": round(peak_rss_mib(), 1), "ask_seconds": round(timed["seconds"], 3),
+              "time_to_first_text_s": round(timed["time_to_first_text_s"], 3),
+              "answer_tokens": timed["answer_tokens"], "decode_tokens_per_s": round(timed["tokens_per_second"] or 0, 1)}
     if mode == "shared":
         result.update(_switch_costs(rag.backbone))
     return result
@@ -85,18 +80,19 @@ def _switch_costs(backbone) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/quick")
-    parser.add_argument("--child", choices=["backbone", "shared", "separate"])
+    parser.add_argument("--child", choices=["backbone", "bare", "shared", "separate"])
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.run)))
         return
     results = {}
-    for mode in ("backbone", "shared", "separate"):
+    for mode in ("backbone", "bare", "shared", "separate"):
         out = subprocess.run([sys.executable, __file__, "--run", args.run, "--child", mode],
                              capture_output=True, text=True, check=True)
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     alone = results["backbone"]["peak_rss_mib"]
     results["shared_over_backbone"] = round(results["shared"]["peak_rss_mib"] / alone, 3)
+    results["shared_over_bare"] = round(results["shared"]["peak_rss_mib"] / results["bare"]["peak_rss_mib"], 3)
     results["separate_over_backbone"] = round(results["separate"]["peak_rss_mib"] / alone, 3)
     print(json.dumps(results, indent=2))
 

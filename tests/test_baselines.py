@@ -65,7 +65,7 @@ def test_encoder_ranks_the_paraphrase_first(encoder):
 
 
 def test_bf16_autocast_matches_float32(encoder):
-    other = EncoderRetriever(ENGLISH, autocast="bf16" if not encoder.bf16 else "off")
+    other = EncoderRetriever(ENGLISH, autocast="bf16" if not encoder.encoder.bf16 else "off")
     cosine = np.sum(other.embeddings * encoder.embeddings, axis=1)
     assert cosine.min() > 0.999
 

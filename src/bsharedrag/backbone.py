@@ -267,6 +267,27 @@ class SharedBackbone:
         self.use(name)
         return [p for n, p in self.model.named_parameters() if p.requires_grad and f".{name}." in n]
 
+    @contextlib.contextmanager
+    def training(self, name: str, settings: LoraSettings) -> Iterator[dict]:
+        """Train adapter `name` (created with `settings` if it is new) inside the block.
+
+        Yields its parameters by name, with the model in train mode; afterwards the model is back in
+        eval mode, those parameters are frozen and the previously active adapter is active again.
+        """
+        if name not in self.adapters:
+            self.add_adapter(name, settings)
+        previous = self._active
+        trainable = {id(p) for p in self.train_adapter(name)}
+        named = {n: p for n, p in self.model.named_parameters() if id(p) in trainable}
+        self.model.train()
+        try:
+            yield named
+        finally:
+            self.model.eval()
+            for p in named.values():
+                p.requires_grad_(False)
+            self.use(previous)
+
     # --- compute --------------------------------------------------------------------------
 
     def autocast_context(self):

@@ -17,7 +17,7 @@ from .data import Document, Query
 from .metrics import local_model
 from .text import words
 
-__all__ = ["BM25Retriever", "EncoderRetriever", "Hits", "Retriever", "build_run"]
+__all__ = ["BM25Retriever", "EncoderRetriever", "Hits", "Retriever", "SentenceEncoder", "build_run"]
 
 Hits = list[tuple[str, float]]  # (doc id, score), best first
 
@@ -103,14 +103,52 @@ class BM25Retriever:
 _AUTOCAST = ("auto", "bf16", "off")
 
 
-class EncoderRetriever:
-    """A sentence-transformers bi-encoder with exact inner-product search over normalised embeddings.
+class SentenceEncoder:
+    """An off-the-shelf sentence-transformers bi-encoder, with the embedding interface of `retriever.Encoder`.
 
     `model` is 'minilm' (the embedded all-MiniLM-L6-v2) or a local sentence-transformers folder;
-    nothing is downloaded. Passages are embedded once, at construction. `autocast="auto"` runs the
-    matmuls in bfloat16 on a CPU with native bf16 (about 3x faster, cosine to float32 > 0.9999),
-    "bf16" always does, "off" never does.
+    nothing is downloaded. `autocast="auto"` runs the matmuls in bfloat16 on a CPU with native bf16
+    (about 3x faster, cosine to float32 > 0.9999), "bf16" always does, "off" never does.
     """
+
+    def __init__(self, model: str | Path = "minilm", batch_size: int = 64, device: str | None = None,
+                 autocast: str = "auto"):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if autocast not in _AUTOCAST:
+            raise ValueError(f"autocast must be one of {_AUTOCAST}, got {autocast!r}")
+        from sentence_transformers import SentenceTransformer
+
+        path = local_model(model)
+        self.name = "minilm" if str(model) == "minilm" else path.name
+        self.batch_size = batch_size
+        self.model = SentenceTransformer(str(path), device=device, local_files_only=True)
+        on_cpu = self.model.device.type == "cpu"
+        self.bf16 = autocast == "bf16" or (autocast == "auto" and on_cpu and cpu_has_fast_bf16())
+
+    def embed(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
+        """(len(texts), dim) L2-normalised float32 embeddings."""
+        import torch
+
+        if not texts:
+            raise ValueError("nothing to embed: the list of texts is empty")
+        # LayerNorm, pooling and normalisation stay float32 under autocast: only matmuls run in bf16.
+        # encode() sorts texts by length, so batches hold similar lengths and pad little.
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            vectors = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                        convert_to_numpy=True, show_progress_bar=show_progress)
+        return np.asarray(vectors, dtype=np.float32)
+
+    def embed_queries(self, questions: list[str]) -> np.ndarray:
+        return self.embed(list(questions))
+
+    def embed_passages(self, docs: Sequence[Document], batch_tokens: int = 0, desc: str | None = None) -> np.ndarray:
+        """`batch_tokens` is accepted for interface parity; batches are `batch_size` texts."""
+        return self.embed([doc.content for doc in docs], show_progress=desc is not None)
+
+
+class EncoderRetriever:
+    """Exact inner-product search over a corpus embedded once, at construction, by a `SentenceEncoder`."""
 
     def __init__(
         self,
@@ -122,42 +160,17 @@ class EncoderRetriever:
         show_progress: bool = False,
     ):
         _check_corpus(corpus)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if autocast not in _AUTOCAST:
-            raise ValueError(f"autocast must be one of {_AUTOCAST}, got {autocast!r}")
-        from sentence_transformers import SentenceTransformer
-
-        path = local_model(model)
-        self.name = "minilm" if str(model) == "minilm" else path.name
-        self.batch_size = batch_size
+        self.encoder = SentenceEncoder(model, batch_size, device, autocast)
+        self.name = self.encoder.name
         self.ids = [doc.id for doc in corpus]
-        self._model = SentenceTransformer(str(path), device=device, local_files_only=True)
-        on_cpu = self._model.device.type == "cpu"
-        self.bf16 = autocast == "bf16" or (autocast == "auto" and on_cpu and cpu_has_fast_bf16())
-        # encode() already sorts texts by length, so batches hold similar lengths and pad little.
-        self.embeddings = self._encode([doc.content for doc in corpus], show_progress)  # (docs, dim)
-
-    def _encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
-        import torch
-
-        # LayerNorm, pooling and normalisation stay float32 under autocast: only matmuls run in bf16.
-        with torch.autocast(self._model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            vectors = self._model.encode(
-                texts,
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=show_progress,
-            )
-        return np.asarray(vectors, dtype=np.float32)
+        self.embeddings = self.encoder.embed([doc.content for doc in corpus], show_progress)  # (docs, dim)
 
     def search(self, questions: list[str], top_k: int) -> list[Hits]:
         _check_top_k(top_k)
         if not questions:
             return []
         k = min(top_k, len(self.ids))
-        scores = self._encode(list(questions)) @ self.embeddings.T  # (questions, docs)
+        scores = self.encoder.embed(list(questions)) @ self.embeddings.T  # (questions, docs)
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (questions, k), unordered
         results = []
         for row, candidates in zip(scores, top):

@@ -160,6 +160,39 @@ def eval_(run: RunOption = None,
     _print_tables(output)
 
 
+@app.command("compare")
+def compare_(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None,
+             report: Annotated[bool, typer.Option(help="Also write RUN/report/report.md.")] = True):
+    """Train what is missing and evaluate every system of `compare.systems` on the same splits."""
+    import shlex
+    import sys
+
+    from .compare import compare
+    from .report import write_report
+
+    _setup_logging()
+    try:
+        cfg = _config(config, set_, run)
+        results = compare(cfg, command=" ".join(["bsharedrag", *map(shlex.quote, sys.argv[1:])]))
+        if report:
+            typer.echo(f"report: {write_report(results, Path(cfg.run_dir) / 'report')}")
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        _fail(error)
+
+
+@app.command("report")
+def report_(run: Annotated[Path, typer.Argument(help="A run folder that `bsharedrag compare` wrote.")],
+            output: Annotated[Path | None, typer.Option(help="Report folder (default: RUN/report).")] = None):
+    """Write a Markdown report with tables and PNG plots from RUN/compare.json."""
+    from .report import load_results, write_report
+
+    try:
+        path = write_report(load_results(run / "compare.json"), output or run / "report")
+    except (FileNotFoundError, ValueError) as error:
+        _fail(error)
+    typer.echo(f"report: {path}")
+
+
 def _print_tables(results_path: Path) -> None:
     import json
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "BackboneConfig",
+    "CompareConfig",
     "Config",
     "DatasetRef",
     "EvalConfig",
@@ -28,6 +29,7 @@ __all__ = [
     "PretrainConfig",
     "RetrieverConfig",
     "ServeConfig",
+    "deep_merge",
     "fingerprint",
     "load_config",
 ]
@@ -212,8 +214,41 @@ class ServeConfig(Section):
     )
 
 
+Architecture = Literal["backbone_shared", "separate", "fully_shared"]
+
+
+class CompareConfig(Section):
+    """What `bsharedrag compare` trains and evaluates (see `compare.py` for the systems)."""
+
+    systems: list[str] = Field(
+        default_factory=lambda: ["bsharedrag", "separate", "fully_shared", "no_cpt", "random_negatives",
+                                 "no_passages", "top1", "top5"],
+        description="Systems and ablations to compare, built in this order; `fully_shared` expands to one system "
+        "per λ in `lambdas`, `fully_shared-l<λ>` is one of them, `top<K>` answers from K passages.",
+    )
+    lambdas: list[float] = Field(
+        default_factory=lambda: [0.1, 0.3, 1.0, 3.0], description="λ values of the fully shared sweep."
+    )
+    generalisation: list[DatasetRef] = Field(
+        default_factory=lambda: [DatasetRef(path=_PACKAGE_DATA / "hetpqa", split="test")],
+        description="Datasets the systems were not evaluated on in training, evaluated as well.",
+    )
+    reuse: list[Path] = Field(
+        default_factory=list, description="Other run folders whose up-to-date artefacts a system may adopt."
+    )
+    efficiency_queries: int = Field(20, gt=0, description="Searches timed per system for latency p50/p95.")
+    efficiency_answers: int = Field(3, gt=0, description="Answers timed per system for tokens per second.")
+
+
 class Config(Section):
     profile: Literal["quick", "full"] = "quick"
+    architecture: Architecture = Field(
+        "backbone_shared",
+        description="backbone_shared: two adapters on one backbone (BSharedRAG); separate: an off-the-shelf "
+        "encoder retrieves and a generator adapter answers; fully_shared: one adapter trained on "
+        "L_gen + λ·L_ret does both.",
+    )
+    fully_shared_lambda: float = Field(1.0, ge=0, description="λ, the retrieval loss weight of `fully_shared`.")
     run_dir: Path = Field(Path("runs/default"), description="Where every artefact of this run is written.")
     seed: int = 0
     strict_data: bool = Field(False, description="A malformed data line is an error instead of a warning.")
@@ -225,6 +260,7 @@ class Config(Section):
     index: IndexConfig = Field(default_factory=IndexConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
 
     @property
     def corpus(self) -> Path:
@@ -241,11 +277,11 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -263,10 +299,13 @@ def _parse_override(item: str) -> dict:
     return node
 
 
+def _read_yaml(text: str) -> Any:
+    """YAML of a profile or config file; `DATASETS/` in it stands for the embedded datasets' folder."""
+    return yaml.safe_load(text.replace("DATASETS/", f"{_PACKAGE_DATA}/"))
+
+
 def _profile(name: str) -> dict:
-    """A shipped profile; `DATASETS/` in it stands for the embedded datasets' folder."""
-    text = resources.files("bsharedrag").joinpath("profiles", f"{name}.yaml").read_text()
-    return yaml.safe_load(text.replace("DATASETS/", f"{_PACKAGE_DATA}/")) or {}
+    return _read_yaml(resources.files("bsharedrag").joinpath("profiles", f"{name}.yaml").read_text()) or {}
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None, **fields: Any) -> Config:
@@ -275,13 +314,13 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None, **
     if path is not None:
         if not Path(path).exists():
             raise FileNotFoundError(f"config file {path} does not exist")
-        layered = yaml.safe_load(Path(path).read_text()) or {}
+        layered = _read_yaml(Path(path).read_text()) or {}
         if not isinstance(layered, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections, got {type(layered).__name__}")
     for item in overrides or []:
-        layered = _deep_merge(layered, _parse_override(item))
-    layered = _deep_merge(layered, fields)
+        layered = deep_merge(layered, _parse_override(item))
+    layered = deep_merge(layered, fields)
     profile = layered.get("profile", "quick")
     if profile not in ("quick", "full"):
         raise ValueError(f"`profile` must be 'quick' or 'full', got {profile!r}")
-    return Config.model_validate(_deep_merge(_profile(profile), layered))
+    return Config.model_validate(deep_merge(_profile(profile), layered))

@@ -52,25 +52,25 @@ def retrieval_runs(pipeline: Pipeline, dataset: Dataset, systems: list[str]) -> 
     return runs, dense_hits, timings
 
 
-def _generation(pipeline: Pipeline, dataset: Dataset, dense_hits: dict) -> tuple[dict, dict]:
-    from .generator import ADAPTER
+def _generation(pipeline: Pipeline, dataset: Dataset, dense_hits: dict, top_k: int) -> tuple[dict, dict]:
     from .rag import RAG
 
     settings = pipeline.config.eval
     queries = [q for q in dataset.queries if q.answers]
     if settings.max_generation_queries is not None:
         queries = queries[: settings.max_generation_queries]
-    pipeline.ensure_adapter(ADAPTER)
-    top_k = pipeline.config.generator.top_k
+    generator = pipeline.generator_adapter
+    pipeline.ensure_adapter(generator)
     results, outputs = {}, {}
     for system in settings.generation_systems:
-        adapter = {"bsharedrag": ADAPTER, "zero_shot": None}.get(system, "unknown")
+        adapter = {"bsharedrag": generator, "zero_shot": None}.get(system, "unknown")
         if adapter == "unknown":
             raise ValueError(f"unknown generation system {system!r}; known: bsharedrag, zero_shot")
         rag = RAG(pipeline.backbone(), None, pipeline.config.generator, adapter=adapter)
         predictions, citations = {}, {}
         for query in progress(queries, desc=f"generate ({system})"):
-            answer = rag.ask(query.text, passages=dense_hits[query.id][:top_k],
+            passages = dense_hits[query.id][:top_k] if pipeline.config.generator.with_passages else []
+            answer = rag.ask(query.text, passages=passages,
                              max_new_tokens=settings.max_new_tokens)
             predictions[query.id] = answer.text
             citations[query.id] = [c.doc_id for c in answer.citations]
@@ -83,10 +83,15 @@ def _generation(pipeline: Pipeline, dataset: Dataset, dense_hits: dict) -> tuple
     return results, outputs
 
 
-def evaluate(pipeline: Pipeline, data: Path, split: str, output: Path) -> dict:
-    """Evaluate the run in `pipeline` on `data`/`split` and write the results to `output`."""
+def evaluate(pipeline: Pipeline, data: Path, split: str, output: Path, top_k: int | None = None,
+             max_queries: int | None = None) -> dict:
+    """Evaluate the run in `pipeline` on `data`/`split` and write the results to `output`.
+
+    `top_k` passages go into each generation prompt (default: the generator's `top_k`);
+    `max_queries` evaluates a seeded sample of the split's queries.
+    """
     settings = pipeline.config.eval
-    dataset = load_dataset(data, split, strict=pipeline.config.strict_data)
+    dataset = load_dataset(data, split, strict=pipeline.config.strict_data).sample(max_queries, pipeline.config.seed)
     if not dataset.queries:
         raise ValueError(f"{data} split {split!r} has no judged query to evaluate")
     systems = list(settings.systems)
@@ -104,7 +109,9 @@ def evaluate(pipeline: Pipeline, data: Path, split: str, output: Path) -> dict:
     has_answers = any(q.answers for q in dataset.queries)
     generator_ready = (pipeline.folder("generator") / "manifest.json").exists()
     if settings.generation and has_answers and generator_ready:
-        results["generation"], results["answers"] = _generation(pipeline, dataset, dense_hits)
+        top_k = top_k or pipeline.config.generator.top_k
+        results["generation"], results["answers"] = _generation(pipeline, dataset, dense_hits, top_k)
+        results["generation_top_k"] = top_k
         results["generation_queries"] = len(next(iter(results["answers"].values()), {}))
     elif settings.generation:
         log.warning("generation not evaluated: %s", "no reference answers" if not has_answers else "no generator")

@@ -48,9 +48,11 @@ __all__ = [
     "MAX_ANSWERS_PER_QUERY",
     "Triple",
     "answer_labels",
+    "answer_loss_step",
     "build_triples",
     "collate",
     "encode_triple",
+    "encode_triples",
     "train_generator",
 ]
 
@@ -173,6 +175,30 @@ def answer_loss_sum(backbone: SharedBackbone, batch: dict[str, torch.Tensor]) ->
     return F.cross_entropy(logits, targets[mask], reduction="sum")
 
 
+def encode_triples(tokenizer, triples: list[Triple], settings: GeneratorConfig) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) of every triple, ready for `step_batches` and `answer_loss_step`."""
+    return [answer_labels(*encode_triple(tokenizer, triple, settings)) for triple in triples]
+
+
+def answer_loss_step(
+    backbone: SharedBackbone, batch: list[tuple[list[int], list[int]]], settings: GeneratorConfig, pad_id: int,
+    weight: float = 1.0,
+) -> float:
+    """Forward and backward over one step batch; returns its mean loss per answer token.
+
+    Every micro-batch is divided by the step's answer-token count, so the step's gradient is
+    `weight` x the mean over its answer tokens however the batch is split.
+    """
+    n_tokens = sum(sum(label != IGNORE_INDEX for label in labels) for _, labels in batch)
+    total = 0.0
+    for micro in micro_batches(batch, settings):
+        with backbone.autocast_context():
+            loss_sum = answer_loss_sum(backbone, collate(micro, pad_id))
+        (loss_sum * (weight / n_tokens)).backward()
+        total += loss_sum.item()
+    return total / n_tokens
+
+
 def train_generator(
     backbone: SharedBackbone, triples: list[Triple], settings: GeneratorConfig, out_dir: Path, seed: int = 0
 ) -> dict:
@@ -184,38 +210,19 @@ def train_generator(
     tokenizer = backbone.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seed_everything(seed)
-    if ADAPTER not in backbone.adapters:
-        backbone.add_adapter(ADAPTER, settings.lora)
-    previous = backbone.active_adapter
-    trainable = {id(p) for p in backbone.train_adapter(ADAPTER)}
-    named = {name: p for name, p in backbone.model.named_parameters() if id(p) in trainable}
-    examples = [answer_labels(*encode_triple(tokenizer, triple, settings)) for triple in triples]
-    batches = step_batches(examples, settings, seed)
+    batches = step_batches(encode_triples(tokenizer, triples, settings), settings, seed)
 
     def step(batch: list[tuple[list[int], list[int]]]) -> float:
-        # Every micro-batch is divided by the step's answer-token count, so the step's gradient is the
-        # mean over its answer tokens however the batch is split.
-        n_tokens = sum(sum(label != IGNORE_INDEX for label in labels) for _, labels in batch)
-        total = 0.0
-        for micro in micro_batches(batch, settings):
-            with backbone.autocast_context():
-                loss_sum = answer_loss_sum(backbone, collate(micro, pad_id))
-            (loss_sum / n_tokens).backward()
-            total += loss_sum.item()
-        return total / n_tokens
+        return answer_loss_step(backbone, batch, settings, pad_id)
 
     started = time.perf_counter()
-    backbone.model.train()
-    try:
+    with backbone.training(ADAPTER, settings.lora) as named:
         losses = train_loop(named, batches, step, settings, out_dir / "checkpoint", "training the generator")
-    finally:
-        backbone.model.eval()
-        backbone.use(previous)
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone.save_adapter(ADAPTER, out_dir)
     stats = {
         "steps": len(losses),
-        "examples": len(examples),
+        "examples": len(triples),
         "first_loss": losses[0],
         "final_loss": losses[-1],
         "seconds": round(time.perf_counter() - started, 2),

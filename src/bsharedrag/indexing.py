@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .artefacts import file_hash
-from .backbone import SharedBackbone
 from .config import Config
 from .data import Dataset, Document, read_corpus
 from .index import VectorIndex
-from .retriever import ADAPTER, DenseRetriever, Encoder
+from .retriever import DenseRetriever
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -19,10 +18,9 @@ if TYPE_CHECKING:
 __all__ = ["build_index", "index_for_corpus", "retriever_for"]
 
 
-def build_index(backbone: SharedBackbone, docs: list[Document], config: Config, folder: Path, ids: dict) -> dict:
-    """Embed `docs` with the retriever adapter into a new index at `folder`; `ids` go into its manifest."""
+def build_index(encoder, docs: list[Document], config: Config, folder: Path, ids: dict) -> dict:
+    """Embed `docs` with `encoder` (see `Pipeline.encoder`) into a new index at `folder`; `ids` go into its manifest."""
     started = time.time()
-    encoder = Encoder(backbone, config.retriever)
     vectors = encoder.embed_passages(docs, config.index.batch_tokens, desc=f"index {len(docs)} passages")
     seconds = time.time() - started
     manifest = {**ids, "passage_prefix": config.retriever.passage_prefix,
@@ -33,22 +31,24 @@ def build_index(backbone: SharedBackbone, docs: list[Document], config: Config, 
 
 
 def index_for_corpus(pipeline: Pipeline, corpus_dir: Path) -> VectorIndex:
-    """The run's index when `corpus_dir` holds the served corpus; else a cached side index for it."""
-    ids = {"backbone": pipeline.manifest("pretrain")["id"], "adapter": pipeline.manifest("retriever")["id"]}
+    """The run's index when `corpus_dir` holds the served corpus; else a cached side index for it.
+
+    Side indexes live in the retriever's artefact folder: they are derived from it alone, and a run
+    that adopts the retriever adopts them too.
+    """
+    ids = pipeline.index_ids()
     corpus_file = Path(corpus_dir) / "corpus.jsonl"
     digest = file_hash(corpus_file)
     if pipeline.manifest("index")["inputs"]["corpus"] == digest:
         return VectorIndex.open(pipeline.folder("index"), expect=ids)
-    side = pipeline.run_dir / "side-indexes" / digest
+    side = pipeline.folder("retriever") / "side-indexes" / digest
     try:
         return VectorIndex.open(side, expect=ids)
     except (FileNotFoundError, RuntimeError):
-        pipeline.ensure_adapter(ADAPTER)
         docs = read_corpus(corpus_file, pipeline.config.strict_data)
-        build_index(pipeline.backbone(), docs, pipeline.config, side, {**ids, "corpus": digest})
+        build_index(pipeline.encoder(), docs, pipeline.config, side, {**ids, "corpus": digest})
         return VectorIndex.open(side, expect=ids)
 
 
 def retriever_for(pipeline: Pipeline, dataset: Dataset) -> DenseRetriever:
-    pipeline.ensure_adapter(ADAPTER)
-    return DenseRetriever(pipeline.backbone(), index_for_corpus(pipeline, dataset.path), pipeline.config.retriever)
+    return DenseRetriever(pipeline.encoder(), index_for_corpus(pipeline, dataset.path))

@@ -5,12 +5,19 @@
 One `SharedBackbone` is loaded once and carries both adapters through the later stages, so no
 stage repeats another's work: the index built for serving also supplies the passages that the
 generator is trained on.
+
+`config.architecture` picks what the retriever and generator stages make: `backbone_shared`
+trains two adapters; `separate` uses an off-the-shelf encoder as the retriever (nothing to train)
+and a generator adapter; `fully_shared` trains one adapter on L_gen + λ·L_ret in the retriever
+stage and uses it for generation too. A stage whose artefact another run folder (`reuse`) already
+built with the same fingerprint adopts it through a symlink instead of building it again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -39,11 +46,20 @@ def dataset_id(path: Path, split: str) -> str:
 class Pipeline:
     """Runs (or resumes) the stages of one run folder; a notebook can call each stage."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, reuse: list[Path] | tuple = ()):
         self.config = config
         self.run_dir = Path(config.run_dir)
+        self.reuse = [Path(folder) for folder in reuse]
         self._backbone: SharedBackbone | None = None
+        self._sentence_encoder = None
         self._datasets: dict[tuple, Dataset] = {}
+
+    def with_eval(self, settings) -> Pipeline:
+        """The same run with other evaluation settings, sharing the loaded backbone and datasets."""
+        other = Pipeline(self.config.model_copy(update={"eval": settings}), self.reuse)
+        self.backbone()  # loaded here, so that every pipeline derived from this one shares it
+        other._backbone, other._sentence_encoder, other._datasets = self._backbone, self._sentence_encoder, self._datasets
+        return other
 
     # --- shared inputs --------------------------------------------------------------------
 
@@ -80,6 +96,31 @@ class Pipeline:
         if name not in backbone.adapters:
             backbone.load_adapter(name, self.folder(name))
 
+    @property
+    def generator_adapter(self) -> str:
+        """The adapter that writes answers: the retriever's own one in the fully shared architecture."""
+        from .generator import ADAPTER as GENERATOR
+        from .retriever import ADAPTER as RETRIEVER
+
+        return RETRIEVER if self.config.architecture == "fully_shared" else GENERATOR
+
+    def encoder(self):
+        """What embeds questions and passages for this run's indexes (see `DenseRetriever`)."""
+        if self.config.architecture == "separate":
+            from .baselines import SentenceEncoder
+
+            if self._sentence_encoder is None:
+                self._sentence_encoder = SentenceEncoder(self.config.eval.encoder_model)
+            return self._sentence_encoder
+        from .retriever import ADAPTER, Encoder
+
+        self.ensure_adapter(ADAPTER)
+        return Encoder(self.backbone(), self.config.retriever)
+
+    def index_ids(self) -> dict:
+        """What an index of this run must have been built with: the backbone and the retriever artefacts."""
+        return {"backbone": self.manifest("pretrain")["id"], "adapter": self.manifest("retriever")["id"]}
+
     # --- stages ---------------------------------------------------------------------------
 
     def run(self, stages: tuple[str, ...] = STAGES, force: bool = False) -> dict[str, dict]:
@@ -99,12 +140,35 @@ class Pipeline:
         if artefact.is_fresh() and not force:
             log.info("%s: up to date in %s", stage, artefact.folder)
             return artefact.manifest
+        if not force and (adopted := self._adopt(stage, artefact)):
+            return adopted
         log.info("%s: building %s", stage, artefact.folder)
         started = time.time()
         artefact.start()
         stats, extra = getattr(self, f"_{stage}")(artefact.folder)
         stats["stage_seconds"] = round(time.time() - started, 1)
         return artefact.finish(stats, **extra)
+
+    def _adopt(self, stage: str, artefact: Artefact) -> dict | None:
+        """Link `stage` to the same artefact in a `reuse` run folder, if one was built with this fingerprint."""
+        for other in self.reuse:
+            source = (other / stage).resolve()
+            if source == artefact.folder.resolve() or not (source / "manifest.json").exists():
+                continue
+            manifest = json.loads((source / "manifest.json").read_text())
+            if manifest.get("fingerprint") == artefact.fingerprint:
+                folder = artefact.folder
+                if folder.is_symlink() or folder.is_file():
+                    folder.unlink()
+                elif folder.exists():
+                    import shutil
+
+                    shutil.rmtree(folder)
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                folder.symlink_to(os.path.relpath(source, folder.parent), target_is_directory=True)
+                log.info("%s: adopted %s", stage, source)
+                return manifest
+        return None
 
     def _pretrain_artefact(self) -> Artefact:
         settings = _settings(self.config.pretrain)
@@ -159,17 +223,32 @@ class Pipeline:
         return lambda questions: encoder.embed_queries(questions) @ passages.T
 
     def _retriever_artefact(self) -> Artefact:
+        architecture = self.config.architecture
         inputs = {"backbone": self.manifest("pretrain")["id"], "negatives": self.manifest("mine")["id"],
                   "seed": self.config.seed}
-        return Artefact(self.folder("retriever"), _settings(self.config.retriever), inputs)
+        settings = _settings(self.config.retriever)
+        if architecture == "separate":
+            settings = {"architecture": architecture, "encoder": self.config.eval.encoder_model}
+        elif architecture == "fully_shared":
+            settings = {"architecture": architecture, "lambda": self.config.fully_shared_lambda,
+                        "retriever": settings, "generator": _settings(self.config.generator)}
+            inputs["generator_datasets"] = self._dataset_inputs(self.config.generator.datasets)
+        return Artefact(self.folder("retriever"), settings, inputs)
 
     def _retriever(self, folder: Path) -> tuple[dict, dict]:
         from .retriever import ADAPTER, train_retriever, training_examples
 
+        if self.config.architecture == "separate":
+            return {"encoder": self.config.eval.encoder_model, "trained": False}, {}
         backbone = self.backbone()
         backbone.remove_adapter(ADAPTER)  # retraining starts from a fresh adapter
         negatives = json.loads((self.folder("mine") / "negatives.json").read_text())
         examples = training_examples([self.dataset(r) for r in self.config.retriever.datasets], negatives)
+        if self.config.architecture == "fully_shared":
+            from .joint import train_fully_shared
+
+            datasets = [self.dataset(r) for r in self.config.generator.datasets]
+            return train_fully_shared(backbone, examples, datasets, self.config, folder), {}
         return train_retriever(backbone, examples, self.config.retriever, folder, self.config.seed), {}
 
     def _index_artefact(self) -> Artefact:
@@ -182,11 +261,9 @@ class Pipeline:
         from .data import read_corpus
         from .indexing import build_index
 
-        self.ensure_adapter("retriever")
         docs = read_corpus(Path(self.config.corpus) / "corpus.jsonl", self.config.strict_data)
-        ids = {"backbone": self.manifest("pretrain")["id"], "adapter": self.manifest("retriever")["id"],
-               "corpus": file_hash(Path(self.config.corpus) / "corpus.jsonl")}
-        stats = build_index(self.backbone(), docs, self.config, folder, ids)
+        ids = {**self.index_ids(), "corpus": file_hash(Path(self.config.corpus) / "corpus.jsonl")}
+        stats = build_index(self.encoder(), docs, self.config, folder, ids)
         return stats, {}
 
     def _generator_artefact(self) -> Artefact:
@@ -198,10 +275,13 @@ class Pipeline:
         from .generator import ADAPTER, build_triples, train_generator
         from .indexing import retriever_for
 
+        if self.config.architecture == "fully_shared":
+            return {"trained": False, "shared_with": "retriever"}, {}
         backbone = self.backbone()
         backbone.remove_adapter(ADAPTER)
         datasets = [self.dataset(r) for r in self.config.generator.datasets]
-        retrievers = [retriever_for(self, dataset) for dataset in datasets]
+        with_passages = self.config.generator.with_passages
+        retrievers = [retriever_for(self, dataset) for dataset in datasets] if with_passages else None
         triples = build_triples(datasets, retrievers, self.config.generator, self.config.seed)
         return train_generator(backbone, triples, self.config.generator, folder, self.config.seed), {}
 

@@ -136,16 +136,15 @@ class RAG:
 
 
 def load_rag(config: Config, with_generator: bool = True) -> RAG:
-    """The RAG of a finished run folder: its domain backbone (loaded once), both adapters, its index."""
+    """The RAG of a finished run folder: its backbone (loaded once), its adapters, its index."""
     from .index import VectorIndex
     from .pipeline import Pipeline
-    from .retriever import ADAPTER as RETRIEVER, DenseRetriever
+    from .retriever import DenseRetriever
 
     pipeline = Pipeline(config)
-    pipeline.ensure_adapter(RETRIEVER)
-    expect = {"backbone": pipeline.manifest("pretrain")["id"], "adapter": pipeline.manifest(RETRIEVER)["id"]}
-    index = VectorIndex.open(pipeline.folder("index"), expect=expect)
-    retriever = DenseRetriever(pipeline.backbone(), index, config.retriever)
-    if with_generator:
-        pipeline.ensure_adapter("generator")
-    return RAG(pipeline.backbone(), retriever, config.generator, adapter="generator" if with_generator else None)
+    index = VectorIndex.open(pipeline.folder("index"), expect=pipeline.index_ids())
+    retriever = DenseRetriever(pipeline.encoder(), index)
+    adapter = pipeline.generator_adapter if with_generator else None
+    if adapter:
+        pipeline.ensure_adapter(adapter)
+    return RAG(pipeline.backbone(), retriever, config.generator, adapter=adapter)

@@ -28,6 +28,7 @@ __all__ = [
     "DenseRetriever",
     "Encoder",
     "TrainingExample",
+    "grad_cache_step",
     "info_nce",
     "last_token_pool",
     "train_retriever",
@@ -122,10 +123,15 @@ class Encoder:
 
 
 class DenseRetriever:
-    """Search a vector index with questions embedded by the retriever adapter."""
+    """Search a vector index with questions embedded by `encoder`.
 
-    def __init__(self, backbone: SharedBackbone, index, settings: RetrieverConfig, adapter: str = ADAPTER):
-        self.encoder = Encoder(backbone, settings, adapter)
+    The encoder is an `Encoder` (the retriever adapter of the shared backbone) or, for the
+    `separate` architecture, a `SentenceEncoder` (an off-the-shelf bi-encoder); both offer
+    `embed_queries` and `embed_passages`.
+    """
+
+    def __init__(self, encoder, index):
+        self.encoder = encoder
         self.index = index
 
     name = "bsharedrag"
@@ -177,8 +183,13 @@ def _batch_tensors(batch: list[TrainingExample], settings: RetrieverConfig, rng:
     return queries, passages, torch.tensor(targets), mask
 
 
-def _grad_cache_step(encoder: Encoder, batch, settings: RetrieverConfig, rng: random.Random) -> float:
+def grad_cache_step(
+    encoder: Encoder, batch, settings: RetrieverConfig, rng: random.Random, weight: float = 1.0
+) -> float:
     """InfoNCE over the whole batch while holding activations for one micro-batch at a time.
+
+    Back-propagates `weight` x the loss (the fully shared architecture weights it against the
+    generation loss) and returns the unweighted loss.
 
     1. embed everything without gradients; 2. loss and its gradient w.r.t. the embeddings;
     3. re-embed each micro-batch with gradients and back-propagate the cached embedding gradient.
@@ -199,7 +210,7 @@ def _grad_cache_step(encoder: Encoder, batch, settings: RetrieverConfig, rng: ra
     q.requires_grad_(True)
     p.requires_grad_(True)
     loss = info_nce(q, p, targets.to(q.device), settings.temperature, mask.to(q.device))
-    loss.backward()
+    (loss * weight).backward()
     for chunks, grads, max_len in (
         (query_chunks, q.grad, settings.max_query_len),
         (passage_chunks, p.grad, settings.max_passage_len),
@@ -216,27 +227,18 @@ def train_retriever(
     backbone: SharedBackbone, examples: list[TrainingExample], settings: RetrieverConfig, out_dir: Path, seed: int
 ) -> dict:
     """Train the `retriever` adapter on `examples` and save it to `out_dir`."""
-    if ADAPTER not in backbone.adapters:
-        backbone.add_adapter(ADAPTER, settings.lora)
-    params = backbone.train_adapter(ADAPTER)
-    named = {n: p for n, p in backbone.model.named_parameters() if p.requires_grad}
     encoder = Encoder(backbone, settings)
     rng = random.Random(seed)
-    backbone.model.train()
     started = time.time()
-    try:
+    with backbone.training(ADAPTER, settings.lora) as named:
         losses = train_loop(
             named,
             step_batches(examples, settings, seed),
-            lambda batch: _grad_cache_step(encoder, batch, settings, rng),
+            lambda batch: grad_cache_step(encoder, batch, settings, rng),
             settings,
             Path(out_dir) / "checkpoint",
             "train retriever",
         )
-    finally:
-        backbone.model.eval()
-        for p in params:
-            p.requires_grad_(False)
     backbone.save_adapter(ADAPTER, out_dir)
     return {
         "steps": len(losses),

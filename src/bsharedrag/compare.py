@@ -1,0 +1,204 @@
+"""The paper's comparison: backbone-shared, separate and fully shared RAG, with ablations.
+
+`compare(config)` builds each system of `config.compare.systems` as a run folder
+`RUN/systems/<name>` (its config is the base config plus the system's overrides), evaluates it on
+the evaluation split and on the generalisation datasets, times it serving, and writes everything
+to `RUN/compare.json`, the input of `report.write_report`. A system adopts every artefact another
+system (or a `compare.reuse` run) built with the same fingerprint, so ablations that change one
+stage rebuild only that stage and what depends on it; evaluations and timings are artefacts too,
+so a second `compare` redoes only what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artefacts import Artefact
+from .config import Config, CompareConfig, deep_merge
+from .pipeline import STAGES, Pipeline, dataset_id
+
+__all__ = ["System", "compare", "system_config", "systems"]
+
+log = logging.getLogger(__name__)
+_BASELINES = {
+    "bm25": "BM25 (bm25s, jieba for Chinese words)",
+    "encoder": "off-the-shelf all-MiniLM-L6-v2 bi-encoder",
+    "zero_shot": "the domain backbone without the generator adapter, same passages and prompt",
+}
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    group: str  # "system", "ablation" or "sweep"
+    description: str
+    overrides: dict = field(default_factory=dict)  # config fields that differ from the base config
+    top_k: int | None = None  # passages per prompt at evaluation (None: the generator's top_k)
+    weight: float | None = None  # λ of a fully shared system
+
+    @property
+    def measures_efficiency(self) -> bool:
+        return self.top_k is None  # a top-k variant serves with the very same artefacts
+
+
+def _fully_shared(weight: float) -> System:
+    return System(f"fully_shared-l{weight:g}", "sweep",
+                  f"one adapter trained on L_gen + {weight:g}·L_ret on the continually pre-trained backbone",
+                  {"architecture": "fully_shared", "fully_shared_lambda": weight}, weight=weight)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
+
+
+def systems(settings: CompareConfig) -> list[System]:
+    """The systems named in `settings.systems`, in that order.
+
+    `fully_shared` expands to one system per λ in `settings.lambdas`; `fully_shared-l<λ>` names one.
+    """
+    catalogue = {
+        "bsharedrag": [System("bsharedrag", "system", "retriever and generator adapters on the continually "
+                              "pre-trained backbone (BSharedRAG)")],
+        "separate": [System("separate", "system", "off-the-shelf MiniLM retriever; generator adapter on the "
+                            "base backbone without continual pre-training",
+                            {"architecture": "separate", "pretrain": {"enabled": False}})],
+        "fully_shared": [_fully_shared(weight) for weight in settings.lambdas],
+        "no_cpt": [System("no_cpt", "ablation", "BSharedRAG without continual pre-training",
+                          {"pretrain": {"enabled": False}})],
+        "random_negatives": [System("random_negatives", "ablation", "BSharedRAG with random instead of "
+                                    "BM25-mined hard negatives", {"mine": {"random_negatives": True}})],
+        "no_passages": [System("no_passages", "ablation", "BSharedRAG with a generator trained and asked "
+                               "without passages (question to answer)", {"generator": {"with_passages": False}})],
+    }
+    chosen = []
+    for name in settings.systems:
+        if name in catalogue:
+            chosen += catalogue[name]
+        elif name.startswith("fully_shared-l") and _is_number(name[len("fully_shared-l"):]):
+            chosen.append(_fully_shared(float(name[len("fully_shared-l"):])))
+        elif name.startswith("top") and name[3:].isdigit() and int(name[3:]) > 0:
+            k = int(name[3:])
+            chosen.append(System(name, "ablation", f"BSharedRAG answering from the top {k} passages", top_k=k))
+        else:
+            raise ValueError(f"unknown system {name!r}; known: {sorted(catalogue)}, fully_shared-l<λ> "
+                             "(e.g. fully_shared-l0.3) and top<K> (e.g. top1, top5)")
+    names = [s.name for s in chosen]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a system is listed twice in compare.systems: {settings.systems}")
+    return chosen
+
+
+def system_config(config: Config, system: System) -> Config:
+    base = json.loads(config.model_dump_json())
+    merged = deep_merge(base, {**system.overrides, "run_dir": str(Path(config.run_dir) / "systems" / system.name)})
+    return Config.model_validate(merged)
+
+
+def _machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores {model}, {memory:.0f} GiB, {platform.system()}"
+
+
+def _upstream_ids(pipeline: Pipeline) -> dict:
+    return {stage: pipeline.manifest(stage)["id"] for stage in ("pretrain", "retriever", "index", "generator")}
+
+
+def _evaluation(pipeline: Pipeline, system: System, name: str, data: Path, split: str,
+                max_queries: int | None, baselines: bool) -> dict:
+    """The system's evaluation on one dataset split (with the baselines when asked), cached as an artefact."""
+    from .evaluate import evaluate
+
+    eval_settings = pipeline.config.eval.model_copy(update={
+        "systems": ["bsharedrag", "bm25", "encoder"] if baselines else ["bsharedrag"],
+        "generation_systems": ["bsharedrag", "zero_shot"] if baselines else ["bsharedrag"],
+    })
+    settings = {**json.loads(eval_settings.model_dump_json(exclude={"data", "split"})),
+                "top_k": system.top_k, "max_queries": max_queries}
+    inputs = {**_upstream_ids(pipeline), "data": [str(data), split, dataset_id(data, split)]}
+    artefact = Artefact(pipeline.run_dir / "compare" / name, settings, inputs)
+    if artefact.is_fresh():
+        return json.loads((artefact.folder / "results.json").read_text())
+    log.info("compare: evaluating %s on %s", system.name, name)
+    artefact.start()
+    results = evaluate(pipeline.with_eval(eval_settings), data, split, artefact.folder / "results.json",
+                       system.top_k, max_queries)
+    artefact.finish({"queries": results["queries"]})
+    return results
+
+
+def _efficiency(pipeline: Pipeline, settings: CompareConfig) -> dict:
+    from .efficiency import measure_in_subprocess
+
+    knobs = {"queries": settings.efficiency_queries, "answers": settings.efficiency_answers}
+    artefact = Artefact(pipeline.run_dir / "compare" / "efficiency", knobs, _upstream_ids(pipeline))
+    if not artefact.is_fresh():
+        log.info("compare: timing %s", pipeline.run_dir)
+        artefact.start()
+        measured = measure_in_subprocess(pipeline.run_dir, **knobs)
+        (artefact.folder / "results.json").write_text(json.dumps(measured, indent=2))
+        artefact.finish({})
+    return json.loads((artefact.folder / "results.json").read_text())
+
+
+def compare(config: Config, command: str = "bsharedrag compare") -> dict:
+    """Build, evaluate and time every system; returns (and writes to RUN/compare.json) the results."""
+    root = Path(config.run_dir)
+    chosen = systems(config.compare)
+    folders = {s.name: root / "systems" / s.name for s in chosen}
+    datasets = [(f"{Path(config.eval.data).name}-{config.eval.split}", Path(config.eval.data), config.eval.split, None)]
+    datasets += [(f"{Path(ref.path).name}-{ref.split}", Path(ref.path), ref.split, ref.max_queries)
+                 for ref in config.compare.generalisation]
+    started = time.time()
+    results: dict = {
+        "command": command,
+        "machine": _machine(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "notes": [f"generation metrics on at most {config.eval.max_generation_queries} queries with answers "
+                  f"per dataset, greedy, {config.eval.max_new_tokens} new tokens"]
+                 if config.eval.max_generation_queries else [],
+        "datasets": {},
+        "systems": {},
+    }
+    baselines_done = False
+    for system in chosen:
+        others = [folder for name, folder in folders.items() if name != system.name] + list(config.compare.reuse)
+        pipeline = Pipeline(system_config(config, system), reuse=others)
+        pipeline.run(STAGES[:-1])  # every stage but the run's own eval: compare evaluates below
+        entry = {"group": system.group, "description": system.description, "lambda": system.weight, "eval": {}}
+        results["systems"][system.name] = entry
+        with_baselines = not baselines_done and system.overrides == {} and system.top_k is None
+        for name, data, split, max_queries in datasets:
+            evaluated = _evaluation(pipeline, system, name, data, split, max_queries, with_baselines)
+            results["datasets"][name] = {"data": str(data), "split": split, "queries": evaluated["queries"],
+                                         "generation_queries": evaluated.get("generation_queries")}
+            entry["eval"][name] = {section: evaluated[section]["bsharedrag"]
+                                   for section in ("retrieval", "generation") if "bsharedrag" in evaluated.get(section, {})}
+            if with_baselines:
+                for baseline, description in _BASELINES.items():
+                    slot = results["systems"].setdefault(baseline, {"group": "baseline", "description": description,
+                                                                     "lambda": None, "eval": {}})
+                    slot["eval"][name] = {section: evaluated[section][baseline] for section in ("retrieval", "generation")
+                                          if baseline in evaluated.get(section, {})}
+        baselines_done = baselines_done or with_baselines
+        if system.measures_efficiency:
+            entry["efficiency"] = _efficiency(pipeline, config.compare)
+        results["seconds"] = round(time.time() - started, 1)
+        _write(root / "compare.json", results)  # after every system: a stopped compare still reports
+    return results
+
+
+def _write(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    path.with_suffix(".tmp").replace(path)

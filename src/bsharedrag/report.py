@@ -1,0 +1,234 @@
+"""A Markdown report with PNG plots from the results of `bsharedrag compare` (RUN/compare.json).
+
+`write_report(results, out_dir)` writes `out_dir/report.md` and its plots next to it, linked by
+relative paths, so the folder can be committed under docs/ and read on GitHub. Every metric may be
+missing for any system; a missing value is shown as "–" and left out of the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .metrics import GENERATION_METRICS, RETRIEVAL_METRICS
+
+__all__ = ["EFFICIENCY_METRICS", "load_results", "write_report"]
+
+EFFICIENCY_METRICS = ("peak_rss_mib", "index_seconds", "query_ms_p50", "query_ms_p95", "tokens_per_second")
+_HEADLINE = {"retrieval": ("hit@3", "ndcg@10"), "generation": ("bleu3", "rougeL")}  # plotted and swept
+_MISSING = "–"
+_DECIMALS = {"bleu3": 2, "rougeL": 2, "bertscore": 2, **dict.fromkeys(EFFICIENCY_METRICS, 1)}  # others: 3
+_DPI = 110
+
+
+def load_results(path: Path) -> dict:
+    """The results `bsharedrag compare` wrote; a ValueError naming the file if it is something else."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON ({error}); expected the compare.json of `bsharedrag compare`") from error
+    missing = [key for key in ("datasets", "systems") if not isinstance(results, dict) or key not in results]
+    if missing:
+        raise ValueError(f"{path} is not a comparison results file: missing {', '.join(map(repr, missing))}; "
+                         "expected the compare.json written by `bsharedrag compare`")
+    return results
+
+
+def write_report(results: Mapping, out_dir: Path) -> Path:
+    """Write out_dir/report.md and its PNG plots; returns the path of report.md."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    systems = results["systems"]
+    sections = [_header(results)]
+    sections += [_dataset_section(name, dataset, systems, out_dir) for name, dataset in results["datasets"].items()]
+    sections += [_sweep_section(results, out_dir), _efficiency_section(systems, out_dir), _systems_section(systems)]
+    path = out_dir / "report.md"
+    path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    return path
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+def _header(results: Mapping) -> str:
+    lines = ["# BSharedRAG comparison", "",
+             f"- command: `{results.get('command', _MISSING)}`",
+             f"- machine: {results.get('machine', _MISSING)}",
+             f"- date: {results.get('date', _MISSING)}",
+             f"- wall time: {_duration(results.get('seconds'))}"]
+    notes = results.get("notes") or []
+    if notes:
+        lines += ["", "Notes:", "", *(f"- {note}" for note in notes)]
+    return "\n".join(lines)
+
+
+def _dataset_section(name: str, dataset: Mapping, systems: Mapping, out_dir: Path) -> str:
+    parts = [f"## {name}", _dataset_summary(dataset)]
+    plots = []
+    for kind, metrics in (("retrieval", RETRIEVAL_METRICS), ("generation", GENERATION_METRICS)):
+        scores = {system: values for system, entry in systems.items() if (values := _scores(entry, name, kind))}
+        if not scores:
+            parts.append(f"No system has {kind} metrics on {name}.")
+            continue
+        parts += [f"### {kind.capitalize()}", _system_table(systems, scores, metrics)]
+        file = f"{kind}-{_slug(name)}.png"
+        _bar_chart(out_dir / file, scores, _HEADLINE[kind], f"{kind.capitalize()} on {name}")
+        plots.append(f"![{kind} on {name}]({file})")
+    return "\n\n".join(parts + plots)
+
+
+def _sweep_section(results: Mapping, out_dir: Path) -> str:
+    title = "## λ sweep (fully shared)"
+    sweep = sorted(((entry["lambda"], name, entry) for name, entry in results["systems"].items()
+                    if entry.get("group") == "sweep" and _is_number(entry.get("lambda"))), key=lambda item: item[0])
+    if not sweep or not results["datasets"]:
+        return f"{title}\n\nNo fully shared systems with a λ were compared."
+    first = next(iter(results["datasets"]))
+    metrics = [metric for panel in _HEADLINE.values() for metric in panel]
+    rows = []
+    for weight, name, entry in sweep:
+        values = {**_scores(entry, first, "retrieval"), **_scores(entry, first, "generation")}
+        rows.append([f"{weight:g}", name, *(_format(metric, values.get(metric)) for metric in metrics)])
+    table = _table(["λ", "system", *metrics], rows, text_columns=2)
+    _sweep_plot(out_dir / "lambda-sweep.png", sweep, list(results["datasets"]))
+    return "\n\n".join([title, f"Scores on {first}; the plot shows every dataset.", table,
+                        "![λ sweep](lambda-sweep.png)"])
+
+
+def _efficiency_section(systems: Mapping, out_dir: Path) -> str:
+    title = "## Efficiency"
+    measured = {name: entry["efficiency"] for name, entry in systems.items() if entry.get("efficiency")}
+    if not measured:
+        return f"{title}\n\nNo system was timed."
+    table = _system_table(systems, measured, EFFICIENCY_METRICS)
+    _efficiency_plot(out_dir / "efficiency.png", measured)
+    return "\n\n".join([title, table, "![efficiency](efficiency.png)"])
+
+
+def _systems_section(systems: Mapping) -> str:
+    lines = [f"- **{name}** ({entry.get('group', _MISSING)}): {entry.get('description') or _MISSING}"
+             for name, entry in systems.items()]
+    return "\n".join(["## Systems", "", *lines])
+
+
+# --- tables and formatting -----------------------------------------------------------------------
+
+
+def _scores(entry: Mapping, dataset: str, kind: str) -> dict:
+    """One system's `kind` metrics on `dataset`, {} wherever any level is missing."""
+    return dict(((entry.get("eval") or {}).get(dataset) or {}).get(kind) or {})
+
+
+def _system_table(systems: Mapping, values: Mapping[str, Mapping], metrics: Sequence[str]) -> str:
+    rows = [[name, systems[name].get("group", _MISSING), *(_format(metric, scores.get(metric)) for metric in metrics)]
+            for name, scores in values.items()]
+    return _table(["system", "group", *metrics], rows, text_columns=2)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:
+    """Text columns left-aligned, numbers right-aligned."""
+    align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, align, *rows])
+
+
+def _format(metric: str, value) -> str:
+    return f"{value:.{_DECIMALS.get(metric, 3)}f}" if _is_number(value) else _MISSING
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _duration(seconds) -> str:
+    if not _is_number(seconds):
+        return _MISSING
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _dataset_summary(dataset: Mapping) -> str:
+    summary = f"`{dataset.get('data', _MISSING)}`, split {dataset.get('split', _MISSING)}: " \
+              f"{dataset.get('queries', _MISSING)} queries"
+    if dataset.get("generation_queries") is not None:
+        summary += f", generation on {dataset['generation_queries']}"
+    return summary + "."
+
+
+def _slug(name: str) -> str:
+    """A file name that works as a relative Markdown link (no spaces or slashes)."""
+    return re.sub(r"[^\w.-]+", "_", name)
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float, panels: int = 1):
+    # A bare Figure renders with Agg on savefig without touching pyplot's global backend or figure
+    # list, so nothing needs closing and a caller's interactive session is left alone.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    return figure, figure.subplots(1, panels, squeeze=False)[0]
+
+
+def _value(scores: Mapping, metric: str) -> float:
+    value = scores.get(metric)
+    return float(value) if _is_number(value) else math.nan  # NaN: no bar, no point
+
+
+def _grouped_bars(axes, values: Mapping[str, Mapping], metrics: Sequence[str], ylabel: str) -> None:
+    names = list(values)
+    width = 0.8 / len(metrics)
+    for i, metric in enumerate(metrics):
+        offsets = [n + (i - (len(metrics) - 1) / 2) * width for n in range(len(names))]
+        axes.bar(offsets, [_value(values[name], metric) for name in names], width, label=metric)
+    axes.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    axes.set_ylabel(ylabel)
+    axes.grid(axis="y", alpha=0.3)
+    if len(metrics) > 1:
+        axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside, never over a bar
+
+
+def _bar_chart(path: Path, scores: Mapping[str, Mapping], metrics: Sequence[str], title: str) -> None:
+    figure, (axes,) = _figure(max(6.0, 0.8 * len(scores) + 2), 4.5)
+    _grouped_bars(axes, scores, metrics, "score")
+    axes.set_title(title)
+    figure.savefig(path)
+
+
+def _sweep_plot(path: Path, sweep: Sequence[tuple], datasets: Sequence[str]) -> None:
+    figure, panels = _figure(11, 4.5, panels=2)
+    for axes, (kind, metrics) in zip(panels, _HEADLINE.items()):
+        for n, dataset in enumerate(datasets):
+            for metric, style in zip(metrics, ("-", "--")):
+                points = [(weight, _value(_scores(entry, dataset, kind), metric)) for weight, _, entry in sweep]
+                points = [(weight, value) for weight, value in points if not math.isnan(value)]
+                if points:
+                    axes.plot(*zip(*points), style, marker="o", color=f"C{n}", label=f"{dataset} {metric}")
+        if all(weight > 0 for weight, _, _ in sweep):
+            axes.set_xscale("log")
+            axes.minorticks_off()
+        weights = sorted({weight for weight, _, _ in sweep})
+        axes.set_xticks(weights, [f"{weight:g}" for weight in weights])
+        axes.set_xlabel("λ")
+        axes.set_title(kind.capitalize())
+        axes.grid(alpha=0.3)
+        if axes.has_data():
+            axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncols=2)
+    figure.savefig(path)
+
+
+def _efficiency_plot(path: Path, measured: Mapping[str, Mapping]) -> None:
+    figure, (memory, latency) = _figure(max(10.0, 1.4 * len(measured) + 4), 4.5, panels=2)
+    _grouped_bars(memory, measured, ["peak_rss_mib"], "MiB")
+    memory.set_title("Peak RSS")
+    _grouped_bars(latency, measured, ["query_ms_p50", "query_ms_p95"], "ms")
+    latency.set_title("Query latency")
+    figure.savefig(path)
