@@ -110,6 +110,17 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores {model}, {memory:.0f} GiB, {platform.system()}"
 
 
+def _notes(config: Config) -> list[str]:
+    answered = (f"at most {config.eval.max_generation_queries}" if config.eval.max_generation_queries
+                else "all")
+    return [f"Generation: {answered} queries with reference answers per dataset, greedy, "
+            f"{config.eval.max_new_tokens} new tokens; retrieval: every query of the split (or its seeded sample).",
+            "Efficiency: each system served in its own process (peak RSS is VmHWM), searches one question at a "
+            f"time ({config.compare.efficiency_queries} timed), {config.compare.efficiency_answers} streamed answers; "
+            "index_seconds is the embedding time recorded when that index was built, possibly by an earlier run "
+            "whose artefact this one adopted."]
+
+
 def _upstream_ids(pipeline: Pipeline) -> dict:
     return {stage: pipeline.manifest(stage)["id"] for stage in ("pretrain", "retriever", "index", "generator")}
 
@@ -164,9 +175,7 @@ def compare(config: Config, command: str = "bsharedrag compare") -> dict:
         "command": command,
         "machine": _machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "notes": [f"generation metrics on at most {config.eval.max_generation_queries} queries with answers "
-                  f"per dataset, greedy, {config.eval.max_new_tokens} new tokens"]
-                 if config.eval.max_generation_queries else [],
+        "notes": [*_notes(config), *config.compare.notes],
         "datasets": {},
         "systems": {},
     }

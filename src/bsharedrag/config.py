@@ -238,6 +238,7 @@ class CompareConfig(Section):
     )
     efficiency_queries: int = Field(20, gt=0, description="Searches timed per system for latency p50/p95.")
     efficiency_answers: int = Field(3, gt=0, description="Answers timed per system for tokens per second.")
+    notes: list[str] = Field(default_factory=list, description="Remarks copied into the report's header.")
 
 
 class Config(Section):
