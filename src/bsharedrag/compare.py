@@ -11,6 +11,7 @@ so a second `compare` redoes only what changed.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -204,6 +205,8 @@ def compare(config: Config, command: str = "bsharedrag compare") -> dict:
             entry["efficiency"] = _efficiency(pipeline, config.compare)
         results["seconds"] = round(time.time() - started, 1)
         _write(root / "compare.json", results)  # after every system: a stopped compare still reports
+        del pipeline
+        gc.collect()  # the next system loads its own backbone; free this one's first
     return results
 
 
