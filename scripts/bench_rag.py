@@ -2,12 +2,13 @@
 
     python scripts/bench_rag.py --run runs/quick
 
-Each configuration runs in a fresh subprocess so that its peak resident memory (ru_maxrss) is its
-own. Reports peak RSS of: the backbone alone answering over given passages (no index); `bare`, the
-same `ask` as below (same index, question, retrieval and answer length) on the backbone with no
-adapter at all; `ask` with both adapters on one backbone; and `ask` with each adapter on its own
-copy. `shared_over_bare` is what the two adapters cost on top of the backbone doing the same work; the cost of one adapter switch (ours and peft's
-`set_adapter`); time to first token and tokens per second of generation.
+Each configuration runs in a fresh subprocess so that its peak resident memory (VmHWM, see
+`bsharedrag.efficiency.peak_rss_mib`) is its own. Reports peak RSS of: the backbone alone answering
+over given passages (no index); `bare`, the same `ask` as below (same index, question, retrieval
+and answer length) on the backbone with no adapter at all; `ask` with both adapters on one
+backbone; and `ask` with each adapter on its own copy. `shared_over_bare` is what the two adapters
+cost on top of the backbone doing the same work. Also: the cost of one adapter switch (ours and
+peft's `set_adapter`); time to first token and tokens per second of generation.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -161,8 +162,6 @@ class Pipeline:
                 if folder.is_symlink() or folder.is_file():
                     folder.unlink()
                 elif folder.exists():
-                    import shutil
-
                     shutil.rmtree(folder)
                 folder.parent.mkdir(parents=True, exist_ok=True)
                 folder.symlink_to(os.path.relpath(source, folder.parent), target_is_directory=True)

@@ -23,6 +23,7 @@ __all__ = [
     "final_answer",
     "SSE_HEADERS",
     "sse",
+    "sse_responses",
     "unprocessable",
 ]
 
@@ -91,6 +92,11 @@ def sse(data: dict | str, event: str | None = None) -> str:
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_responses(description: str) -> dict:
+    """The OpenAPI `responses` of a route answering JSON, or server-sent events as `description` says."""
+    return {200: {"description": description, "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 async def final_answer(first, parts: AsyncIterator):

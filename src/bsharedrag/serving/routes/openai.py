@@ -39,17 +39,13 @@ from ._common import (
     engine_errors,
     final_answer,
     sse,
+    sse_responses,
     unprocessable,
 )
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_reader)], responses=ERRORS)
 
-_SSE_DOC = {
-    200: {
-        "description": "JSON, or with `stream: true` `chat.completion.chunk` events ending with `data: [DONE]`.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-    }
-}
+_SSE_DOC = sse_responses("JSON, or with `stream: true` `chat.completion.chunk` events ending with `data: [DONE]`.")
 
 
 @router.get("/models", response_model=ModelList)

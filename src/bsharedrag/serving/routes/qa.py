@@ -19,17 +19,15 @@ from ._common import (
     engine_errors,
     final_answer,
     sse,
+    sse_responses,
 )
 
 router = APIRouter(prefix="/v1", tags=["qa"], dependencies=[Depends(require_reader)], responses=ERRORS)
 
-_SSE_DOC = {
-    200: {
-        "description": "JSON, or with `stream: true` server-sent events: `token` events `{\"text\"}`, "
-        "then one `answer` event holding the AskResponse (or one `error` event `{\"detail\"}`).",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-    }
-}
+_SSE_DOC = sse_responses(
+    "JSON, or with `stream: true` server-sent events: `token` events `{\"text\"}`, "
+    "then one `answer` event holding the AskResponse (or one `error` event `{\"detail\"}`)."
+)
 
 
 @router.post("/search", response_model=SearchResponse)
