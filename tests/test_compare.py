@@ -40,7 +40,7 @@ def test_retrieval_loss_weight_scales_the_gradient(tiny_model_dir):
     from bsharedrag.backbone import SharedBackbone
     from bsharedrag.config import BackboneConfig
     from bsharedrag.data import Document
-    from bsharedrag.retriever import Encoder, TrainingExample, grad_cache_step
+    from bsharedrag.retriever import Encoder, TrainingExample, contrastive_step
 
     backbone = SharedBackbone.load(BackboneConfig(model=str(tiny_model_dir), precision="fp32"))
     backbone.add_adapter("retriever", LoraSettings(r=4, alpha=8))
@@ -53,7 +53,7 @@ def test_retrieval_loss_weight_scales_the_gradient(tiny_model_dir):
     def grads(weight):
         for p in params:
             p.grad = None
-        loss = grad_cache_step(Encoder(backbone, settings), batch, settings, random.Random(0), weight=weight)
+        loss = contrastive_step(Encoder(backbone, settings), batch, settings, random.Random(0), weight=weight)
         return loss, torch.cat([p.grad.flatten() for p in params])
 
     loss_one, one = grads(1.0)

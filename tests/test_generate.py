@@ -9,9 +9,9 @@ from bsharedrag.generate import IncrementalDecoder, generate, stream_tokens
 PROMPT = list(range(100, 140))
 
 
-def _with_lora(model_type: str = "llama"):
+def _with_lora(model_type: str = "llama", targets="all-linear"):
     backbone = tiny_backbone(model_type=model_type)
-    backbone.add_adapter("generator", LoraSettings(r=4, alpha=8))
+    backbone.add_adapter("generator", LoraSettings(r=4, alpha=8, target_modules=targets))
     with torch.no_grad():  # LoRA B starts at zero; make the adapter change the output
         for name, p in backbone.model.named_parameters():
             if "lora_B" in name:
@@ -40,8 +40,9 @@ def test_incremental_decoding_matches_decoding_everything(text):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 @pytest.mark.parametrize("adapter", [None, "generator"])
-def test_lean_decoder_matches_the_transformers_forward(model_type, adapter):
-    backbone = _with_lora(model_type)
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj", "down_proj"]])  # partly adapted groups
+def test_lean_decoder_matches_the_transformers_forward(model_type, adapter, targets):
+    backbone = _with_lora(model_type, targets)
     with torch.inference_mode(), backbone.adapter(adapter):
         lean = generation._LeanDecoder(backbone.base, adapter, len(PROMPT) + 8, "cpu")
         reference = generation._CachedDecoder(backbone.base)

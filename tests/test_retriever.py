@@ -61,11 +61,11 @@ def test_info_nce_mask_removes_known_positives_from_negatives():
     assert masked.item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_grad_cache_gives_the_same_gradients_as_one_big_batch():
+def test_grad_cache_gives_the_same_gradients_as_one_pass():
     import random
 
     from bsharedrag.data import Document
-    from bsharedrag.retriever import TrainingExample, grad_cache_step
+    from bsharedrag.retriever import TrainingExample, contrastive_step
 
     docs = [Document(f"d{i}", f"Product {i}", f"fact {i} " * (i + 1)) for i in range(8)]
     batch = [TrainingExample(f"question {i}", (docs[i],), (docs[(i + 1) % 8],)) for i in range(4)]
@@ -78,6 +78,6 @@ def test_grad_cache_gives_the_same_gradients_as_one_big_batch():
         with torch.no_grad():
             for param in params:  # LoRA B starts at zero; give it weights so every gradient is non-trivial
                 param.normal_(0, 0.05)
-        grad_cache_step(Encoder(backbone, settings), batch, settings, random.Random(0))
+        contrastive_step(Encoder(backbone, settings), batch, settings, random.Random(0))
         grads.append(torch.cat([p.grad.flatten() for p in params]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-3)

@@ -204,10 +204,14 @@ class SharedBackbone:
             raise FileNotFoundError(f"no adapter at {path} (adapter_config.json missing); train it first")
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} is already loaded; known adapters: {self.adapters}")
+        # low_cpu_mem_usage: the LoRA weights are created empty and filled from the file, never
+        # randomly initialised first, so loading leaves no freed-but-held allocations behind.
         if isinstance(self.model, PeftModel):
-            self.model.load_adapter(path, adapter_name=name, is_trainable=False)
+            self.model.load_adapter(path, adapter_name=name, is_trainable=False, low_cpu_mem_usage=True)
         else:
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+            self.model = PeftModel.from_pretrained(
+                self.model, path, adapter_name=name, is_trainable=False, low_cpu_mem_usage=True
+            )
         self.model.eval()
         self._refresh_layers()
         self.use(self._active)

@@ -23,7 +23,7 @@ from .config import Config
 from .data import Dataset
 from .generator import answer_loss_step, build_triples, encode_triples
 from .index import Hit
-from .retriever import ADAPTER, Encoder, TrainingExample, grad_cache_step
+from .retriever import ADAPTER, Encoder, TrainingExample, contrastive_step
 from .training import seed_everything, step_batches, train_loop
 
 __all__ = ["train_fully_shared"]
@@ -64,7 +64,7 @@ def train_fully_shared(
 
     def step(pair: list) -> float:
         retrieval_batch, generation_batch = pair
-        ret_loss = grad_cache_step(encoder, retrieval_batch, ret_settings, rng, weight=weight)
+        ret_loss = contrastive_step(encoder, retrieval_batch, ret_settings, rng, weight=weight)
         gen_loss = answer_loss_step(backbone, generation_batch, gen_settings, pad_id)
         parts["retrieval"].append(ret_loss)
         parts["generation"].append(gen_loss)

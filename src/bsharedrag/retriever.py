@@ -2,12 +2,13 @@
 
 Texts are `query: ...` / `passage: ...` plus the EOS token; the embedding is the last real
 token's final hidden state, L2-normalised. The loss is InfoNCE over in-batch negatives plus
-mined hard negatives. With `micro_batch_size` set, gradient caching (Gao et al., 2021) keeps the
-full batch as negatives while only one micro-batch holds activations at a time.
+mined hard negatives. With `micro_batch_size` below the batch, gradient caching (Gao et al., 2021)
+keeps the full batch as negatives while only one micro-batch holds activations at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ __all__ = [
     "DenseRetriever",
     "Encoder",
     "TrainingExample",
-    "grad_cache_step",
+    "contrastive_step",
     "info_nce",
     "last_token_pool",
     "train_retriever",
@@ -183,43 +184,45 @@ def _batch_tensors(batch: list[TrainingExample], settings: RetrieverConfig, rng:
     return queries, passages, torch.tensor(targets), mask
 
 
-def grad_cache_step(
+def contrastive_step(
     encoder: Encoder, batch, settings: RetrieverConfig, rng: random.Random, weight: float = 1.0
 ) -> float:
-    """InfoNCE over the whole batch while holding activations for one micro-batch at a time.
+    """One InfoNCE forward and backward pass over `batch`; returns the loss.
 
     Back-propagates `weight` x the loss (the fully shared architecture weights it against the
-    generation loss) and returns the unweighted loss.
-
+    generation loss) and returns the unweighted loss. A batch that fits in one micro-batch runs in
+    one pass; a larger one uses gradient caching (Gao et al., 2021), holding activations for one
+    micro-batch at a time:
     1. embed everything without gradients; 2. loss and its gradient w.r.t. the embeddings;
     3. re-embed each micro-batch with gradients and back-propagate the cached embedding gradient.
     LoRA dropout is 0 by default; with dropout the two passes would see different masks.
     """
     queries, passages, targets, mask = _batch_tensors(batch, settings, rng)
-    query_texts = encoder.query_texts(queries)
-    passage_texts = encoder.passage_texts(passages)
-    query_chunks = micro_batches(query_texts, settings)
-    passage_chunks = micro_batches(passage_texts, settings)
+    query_chunks = micro_batches(encoder.query_texts(queries), settings)
+    passage_chunks = micro_batches(encoder.passage_texts(passages), settings)
 
     def encode(chunks, max_len):
-        return [encoder.forward(encoder.tokenize(chunk, max_len)) for chunk in chunks]
+        return torch.cat([encoder.forward(encoder.tokenize(chunk, max_len)) for chunk in chunks])
 
-    with torch.no_grad():
-        q = torch.cat(encode(query_chunks, settings.max_query_len))  # (batch, dim)
-        p = torch.cat(encode(passage_chunks, settings.max_passage_len))  # (n_passages, dim)
-    q.requires_grad_(True)
-    p.requires_grad_(True)
+    cached = len(query_chunks) > 1 or len(passage_chunks) > 1
+    with torch.no_grad() if cached else contextlib.nullcontext():
+        q = encode(query_chunks, settings.max_query_len)  # (batch, dim)
+        p = encode(passage_chunks, settings.max_passage_len)  # (n_passages, dim)
+    if cached:
+        q.requires_grad_(True)
+        p.requires_grad_(True)
     loss = info_nce(q, p, targets.to(q.device), settings.temperature, mask.to(q.device))
     (loss * weight).backward()
-    for chunks, grads, max_len in (
-        (query_chunks, q.grad, settings.max_query_len),
-        (passage_chunks, p.grad, settings.max_passage_len),
-    ):
-        offset = 0
-        for chunk in chunks:
-            reps = encoder.forward(encoder.tokenize(chunk, max_len))
-            (reps * grads[offset : offset + len(chunk)]).sum().backward()
-            offset += len(chunk)
+    if cached:
+        for chunks, grads, max_len in (
+            (query_chunks, q.grad, settings.max_query_len),
+            (passage_chunks, p.grad, settings.max_passage_len),
+        ):
+            offset = 0
+            for chunk in chunks:
+                reps = encoder.forward(encoder.tokenize(chunk, max_len))
+                (reps * grads[offset : offset + len(chunk)]).sum().backward()
+                offset += len(chunk)
     return loss.item()
 
 
@@ -234,7 +237,7 @@ def train_retriever(
         losses = train_loop(
             named,
             step_batches(examples, settings, seed),
-            lambda batch: grad_cache_step(encoder, batch, settings, rng),
+            lambda batch: contrastive_step(encoder, batch, settings, rng),
             settings,
             Path(out_dir) / "checkpoint",
             "train retriever",
