@@ -2,12 +2,14 @@
 
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from bsharedrag.compare import compare, system_config, systems
-from bsharedrag.config import CompareConfig, LoraSettings, RetrieverConfig, load_config
+from bsharedrag.config import CompareConfig, Config, LoraSettings, RetrieverConfig, load_config
 from bsharedrag.rag import load_rag
 from conftest import tiny_overrides
 
@@ -137,6 +139,31 @@ def test_a_second_compare_reuses_everything(compared):
     after = {path: json.loads(path.read_text())["id"] for path in manifests}
     assert after == before
     assert again["systems"]["bsharedrag"]["eval"] == results["systems"]["bsharedrag"]["eval"]
+
+
+def test_a_compare_keeps_results_recorded_with_the_same_settings(compared, tmp_path):
+    config, results = compared
+    moved = tmp_path / "elsewhere"  # another run folder, as on another machine: only compare.json travels
+    moved.mkdir()
+    shutil.copy(config.run_dir / "compare.json", moved / "compare.json")
+    again = compare(config.model_copy(update={"run_dir": moved}), command="pytest")
+    assert not (moved / "systems").exists()  # nothing was built
+    assert again["systems"] == results["systems"] and again["datasets"] == results["datasets"]
+
+
+def test_the_system_key_names_datasets_by_content_not_place(compared, tmp_path):
+    from bsharedrag.compare import _system_key, systems
+
+    config, _ = compared
+    system = systems(config.compare)[0]
+    data = Path(config.eval.data)
+    copy = shutil.copytree(data, tmp_path / "copy")
+    datasets = [("shop-dev", data, "dev", None)]
+    key = _system_key(config, system, datasets)
+    moved = json.loads(config.model_dump_json().replace(str(data), str(copy)))
+    assert _system_key(Config.model_validate(moved), system, [("shop-dev", copy, "dev", None)]) == key
+    changed = config.model_copy(update={"retriever": config.retriever.model_copy(update={"temperature": 0.5})})
+    assert _system_key(changed, system, datasets) != key
 
 
 def test_the_report_renders_from_the_compare_results(compared, tmp_path):

@@ -7,6 +7,12 @@ to `RUN/compare.json`, the input of `report.write_report`. A system adopts every
 system (or a `compare.reuse` run) built with the same fingerprint, so ablations that change one
 stage rebuild only that stage and what depends on it; evaluations and timings are artefacts too,
 so a second `compare` redoes only what changed.
+
+Each system's entry in `compare.json` carries a `key`: a fingerprint of its settings with every
+dataset folder named by its content, not its place. A `compare` that finds an entry with the same
+key in the `compare.json` already in RUN keeps it and builds nothing for that system, so a
+comparison too long for one sitting (or one machine) is completed across several: copy the
+`compare.json` of the earlier runs into the new run folder and list the systems still missing.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artefacts import Artefact
-from .config import Config, CompareConfig, deep_merge
+from .artefacts import Artefact, file_hash
+from .config import Config, CompareConfig, deep_merge, fingerprint
 from .pipeline import STAGES, Pipeline, dataset_id
 
 __all__ = ["System", "compare", "system_config", "systems"]
@@ -122,6 +128,27 @@ def _notes(config: Config) -> list[str]:
             "whose artefact this one adopted."]
 
 
+def _content_named(value):
+    """`value` with every dataset folder (a path holding corpus.jsonl) replaced by a hash of its files."""
+    if isinstance(value, dict):
+        return {key: _content_named(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_content_named(item) for item in value]
+    if isinstance(value, str) and value and (Path(value) / "corpus.jsonl").is_file():
+        folder = Path(value)
+        return "dataset:" + file_hash(folder / "corpus.jsonl", folder / "queries.jsonl", *sorted(folder.glob("qrels/*.tsv")))
+    return value
+
+
+def _system_key(config: Config, system: System, datasets: list) -> str:
+    """What a system's results depend on: its settings, the evaluation datasets and knobs; not file places."""
+    settings = json.loads(system_config(config, system).model_dump_json(exclude={"run_dir", "compare"}))
+    del settings["backbone"]["cache_dir"]
+    knobs = config.compare.model_dump(include={"efficiency_queries", "efficiency_answers"})
+    evaluated = [[name, str(data), split, max_queries] for name, data, split, max_queries in datasets]
+    return fingerprint(_content_named([settings, evaluated]), system.top_k, knobs)
+
+
 def _upstream_ids(pipeline: Pipeline) -> dict:
     return {stage: pipeline.manifest(stage)["id"] for stage in ("pretrain", "retriever", "index", "generator")}
 
@@ -172,22 +199,35 @@ def compare(config: Config, command: str = "bsharedrag compare") -> dict:
     datasets += [(f"{Path(ref.path).name}-{ref.split}", Path(ref.path), ref.split, ref.max_queries)
                  for ref in config.compare.generalisation]
     started = time.time()
+    previous = json.loads((root / "compare.json").read_text()) if (root / "compare.json").exists() else {}
     results: dict = {
         "command": command,
         "machine": _machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "notes": [*_notes(config), *config.compare.notes],
-        "datasets": {},
+        "datasets": {name: previous["datasets"][name] for name, *_ in datasets if name in previous.get("datasets", {})},
         "systems": {},
     }
     baselines_done = False
     for system in chosen:
+        key = _system_key(config, system, datasets)
+        with_baselines = not baselines_done and system.overrides == {} and system.top_k is None
+        earlier = previous.get("systems", {}).get(system.name)
+        if earlier is not None and earlier.get("key") == key:
+            log.info("compare: %s is in %s with the same settings (%s); kept", system.name, root / "compare.json",
+                     earlier.get("date"))
+            results["systems"][system.name] = earlier
+            if with_baselines:
+                results["systems"].update({name: previous["systems"][name] for name in _BASELINES
+                                           if name in previous["systems"]})
+                baselines_done = True
+            continue
         others = [folder for name, folder in folders.items() if name != system.name] + list(config.compare.reuse)
         pipeline = Pipeline(system_config(config, system), reuse=others)
         pipeline.run(STAGES[:-1])  # every stage but the run's own eval: compare evaluates below
-        entry = {"group": system.group, "description": system.description, "lambda": system.weight, "eval": {}}
+        entry = {"group": system.group, "description": system.description, "lambda": system.weight,
+                 "key": key, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": results["machine"], "eval": {}}
         results["systems"][system.name] = entry
-        with_baselines = not baselines_done and system.overrides == {} and system.top_k is None
         for name, data, split, max_queries in datasets:
             evaluated = _evaluation(pipeline, system, name, data, split, max_queries, with_baselines)
             results["datasets"][name] = {"data": str(data), "split": split, "queries": evaluated["queries"],
