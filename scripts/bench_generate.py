@@ -6,6 +6,10 @@ Runs a ~300-token RAG prompt built from ePQA passages, with no adapter and with 
 `generator`, under fp32 and under the backbone's bf16 autocast for the prompt. Two reference
 loops show what the choices in `bsharedrag.generate` buy: transformers' own cached forward, and
 decoding every token under bf16 autocast. EOS is ignored so every run makes the same number of tokens.
+
+The memory-bandwidth bound is probed right before each row, because it moves with the other tenants
+of a shared host: one matrix-vector product per weight matrix of the backbone (the least a decoder
+must read per token). `bound tok/s` is the inverse of that read time and `% bound` the row's share.
 """
 
 from __future__ import annotations
@@ -42,6 +46,20 @@ def _time_stream(backbone, prompt_ids, new_tokens, adapter) -> tuple[float, floa
         first = first or time.perf_counter()
     end = time.perf_counter()
     return first - start, (new_tokens - 1) / (end - first)
+
+
+def _bound_tokens_per_second(backbone, repeats: int = 9) -> float:
+    """Tokens/s if a decode step cost nothing but reading every weight matrix once (median of runs)."""
+    weights = [w for w in backbone.base.parameters() if w.dim() == 2]
+    vectors = {w.shape[1]: torch.randn(w.shape[1]) for w in weights}
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for w in weights:
+                torch.mv(w, vectors[w.shape[1]])
+            times.append(time.perf_counter() - start)
+    return 1 / statistics.median(times)
 
 
 def _time_reference(backbone, prompt_ids, new_tokens, adapter, lean: bool, decode_autocast: bool):
@@ -89,14 +107,20 @@ def main() -> None:
     ]
     stream(backbone, adapter=None)  # warm-up
     print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on these cores skew every number)")
-    print(f"{'variant':34} {'adapter':10} {'runs':>4} {'first token s':>14} {'decode tok/s':>13}")
+    weight_gb = sum(w.numel() * w.element_size() for w in backbone.base.parameters() if w.dim() == 2) / 1e9
+    print(f"weight matrices: {weight_gb:.3f} GB read per token")
+    print(f"{'variant':34} {'adapter':10} {'runs':>4} {'first token s':>14} {'decode tok/s':>13} "
+          f"{'bound tok/s':>12} {'% bound':>8}")
     for label, autocast, repeats, timer in cases:
         backbone.autocast = autocast
         for adapter in (None, "generator"):
+            bound = _bound_tokens_per_second(backbone)
             runs = [timer(backbone, adapter=adapter) for _ in range(repeats)]
             ttft = statistics.median(r[0] for r in runs)
             rate = statistics.median(r[1] for r in runs)
-            print(f"{label:34} {adapter or 'none':10} {repeats:4} {ttft:14.3f} {rate:13.1f}", flush=True)
+            print(f"{label:34} {adapter or 'none':10} {repeats:4} {ttft:14.3f} {rate:13.1f} {bound:12.1f} "
+                  f"{100 * rate / bound:7.0f}%", flush=True)
+    print(f"bandwidth at the end: {weight_gb * _bound_tokens_per_second(backbone):.1f} GB/s")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 if __name__ == "__main__":

@@ -151,6 +151,36 @@ def test_a_compare_keeps_results_recorded_with_the_same_settings(compared, tmp_p
     assert again["systems"] == results["systems"] and again["datasets"] == results["datasets"]
 
 
+def test_a_stopped_compare_loses_no_recorded_result(compared, monkeypatch):
+    import bsharedrag.compare as compare_module
+
+    config, results = compared
+    path = config.run_dir / "compare.json"
+    saved = path.read_text()
+    doctored = json.loads(saved)
+    for name in ("separate", "no_cpt"):  # as if their settings had changed since: both are redone
+        doctored["systems"][name]["key"] = "earlier settings"
+    path.write_text(json.dumps(doctored))
+    evaluation = compare_module._evaluation
+
+    def stopped_at_no_cpt(pipeline, system, *args):
+        if system.name == "no_cpt":
+            raise KeyboardInterrupt
+        return evaluation(pipeline, system, *args)
+
+    monkeypatch.setattr(compare_module, "_evaluation", stopped_at_no_cpt)
+    listed = config.compare.model_copy(update={"systems": ["separate", "no_cpt", "top1"]})
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            compare(config.model_copy(update={"compare": listed}), command="pytest")
+        written = json.loads(path.read_text())
+    finally:
+        path.write_text(saved)
+    assert set(written["systems"]) == set(results["systems"]) - {"no_cpt"}  # unlisted systems are kept too
+    assert written["systems"]["separate"]["eval"] == results["systems"]["separate"]["eval"]
+    assert written["systems"]["separate"]["key"] == results["systems"]["separate"]["key"]
+
+
 def test_the_system_key_names_datasets_by_content_not_place(compared, tmp_path):
     from bsharedrag.compare import _system_key, systems
 

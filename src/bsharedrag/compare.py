@@ -12,7 +12,9 @@ Each system's entry in `compare.json` carries a `key`: a fingerprint of its sett
 dataset folder named by its content, not its place. A `compare` that finds an entry with the same
 key in the `compare.json` already in RUN keeps it and builds nothing for that system, so a
 comparison too long for one sitting (or one machine) is completed across several: copy the
-`compare.json` of the earlier runs into the new run folder and list the systems still missing.
+`compare.json` of the earlier runs into the new run folder and run the same compare again. Entries
+whose key still holds are kept whether or not the systems list names them, and `compare.json` is
+rewritten after every system, so a stopped compare loses no result.
 """
 
 from __future__ import annotations
@@ -208,20 +210,17 @@ def compare(config: Config, command: str = "bsharedrag compare") -> dict:
         "datasets": {name: previous["datasets"][name] for name, *_ in datasets if name in previous.get("datasets", {})},
         "systems": {},
     }
-    baselines_done = False
+    recorded = _recorded(previous.get("systems", {}), config, datasets)
     for system in chosen:
-        key = _system_key(config, system, datasets)
-        with_baselines = not baselines_done and system.overrides == {} and system.top_k is None
-        earlier = previous.get("systems", {}).get(system.name)
-        if earlier is not None and earlier.get("key") == key:
+        with_baselines = system.overrides == {} and system.top_k is None  # bsharedrag carries the baselines
+        if system.name in recorded:
             log.info("compare: %s is in %s with the same settings (%s); kept", system.name, root / "compare.json",
-                     earlier.get("date"))
-            results["systems"][system.name] = earlier
+                     recorded[system.name].get("date"))
+            results["systems"][system.name] = recorded[system.name]
             if with_baselines:
-                results["systems"].update({name: previous["systems"][name] for name in _BASELINES
-                                           if name in previous["systems"]})
-                baselines_done = True
+                results["systems"].update({name: recorded[name] for name in _BASELINES if name in recorded})
             continue
+        key = _system_key(config, system, datasets)
         others = [folder for name, folder in folders.items() if name != system.name] + list(config.compare.reuse)
         pipeline = Pipeline(system_config(config, system), reuse=others)
         pipeline.run(STAGES[:-1])  # every stage but the run's own eval: compare evaluates below
@@ -237,20 +236,39 @@ def compare(config: Config, command: str = "bsharedrag compare") -> dict:
             if with_baselines:
                 for baseline, description in _BASELINES.items():
                     slot = results["systems"].setdefault(baseline, {"group": "baseline", "description": description,
-                                                                     "lambda": None, "eval": {}})
+                                                                     "lambda": None, "key": key, "eval": {}})
                     slot["eval"][name] = {section: evaluated[section][baseline] for section in ("retrieval", "generation")
                                           if baseline in evaluated.get(section, {})}
-        baselines_done = baselines_done or with_baselines
         if system.measures_efficiency:
             entry["efficiency"] = _efficiency(pipeline, config.compare)
         results["seconds"] = round(time.time() - started, 1)
-        _write(root / "compare.json", results)  # after every system: a stopped compare still reports
+        _write(root / "compare.json", results, recorded)  # after every system: a stopped compare still reports
         del pipeline
         gc.collect()  # the next system loads its own backbone; free this one's first
-    return results
+    return _write(root / "compare.json", results, recorded)
 
 
-def _write(path: Path, results: dict) -> None:
+def _recorded(earlier: dict, config: Config, datasets: list) -> dict:
+    """The systems of an earlier compare.json whose recorded key is the one their settings give now.
+
+    Baselines are evaluated with bsharedrag, so they hold while its key does.
+    """
+    valid = {}
+    for name, entry in earlier.items():
+        try:
+            (system,) = systems(CompareConfig(systems=["bsharedrag" if name in _BASELINES else name]))
+        except ValueError:
+            continue
+        if entry.get("key") == _system_key(config, system, datasets):
+            valid[name] = entry
+    return valid
+
+
+def _write(path: Path, results: dict, recorded: dict) -> dict:
+    """Writes `results` with every still valid earlier result that this compare did not redo (listed or not)."""
+    results = {**results, "systems": {**results["systems"], **{
+        name: entry for name, entry in recorded.items() if name not in results["systems"]}}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".tmp").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     path.with_suffix(".tmp").replace(path)
+    return results
