@@ -52,6 +52,7 @@ def _results(lambdas=(1.0, 0.1)) -> dict:
         "date": "2026-11-28T04:00:00",
         "seconds": 5400.0,
         "notes": ["generation metrics on the first 40 queries with answers"],
+        "systems_listed": ["bsharedrag", "fully_shared-l1", "fully_shared-l0.1", "no_cpt"],
         "datasets": {name: {"data": f"/data/{name}", "split": name.split("-")[1], "queries": 160,
                             "generation_queries": 40} for name in DATASETS},
         "systems": systems,
@@ -90,7 +91,8 @@ def test_report_starts_with_the_header_and_keeps_the_section_order(report):
     assert path.name == "report.md"
     assert markdown.startswith("# BSharedRAG comparison\n")
     for text in ("`bsharedrag compare --config configs/compare-quick.yaml`", "2-core Intel Xeon, 24 GiB, no GPU",
-                 "2026-11-28T04:00:00", "1 h 30 min", "- generation metrics on the first 40 queries with answers"):
+                 "2026-11-28T04:00:00", "1 h 30 min", "- generation metrics on the first 40 queries with answers",
+                 "- not built yet: no_cpt (the same command builds them)"):
         assert text in markdown
     order = ["## epqa-dev", "## hetpqa-test", "## λ sweep (fully shared)", "## Efficiency", "## Systems"]
     positions = [markdown.index(f"\n{heading}\n") for heading in order]

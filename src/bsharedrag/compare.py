@@ -207,6 +207,7 @@ def compare(config: Config, command: str = "bsharedrag compare") -> dict:
         "machine": _machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "notes": [*_notes(config), *config.compare.notes],
+        "systems_listed": [system.name for system in chosen],
         "datasets": {name: previous["datasets"][name] for name, *_ in datasets if name in previous.get("datasets", {})},
         "systems": {},
     }

@@ -60,6 +60,9 @@ def _header(results: Mapping) -> str:
              f"- machine: {results.get('machine', _MISSING)}",
              f"- date: {results.get('date', _MISSING)}",
              f"- wall time: {_duration(results.get('seconds'))}"]
+    missing = [name for name in results.get("systems_listed", []) if name not in results.get("systems", {})]
+    if missing:
+        lines.append(f"- not built yet: {', '.join(missing)} (the same command builds them)")
     notes = results.get("notes") or []
     if notes:
         lines += ["", "Notes:", "", *(f"- {note}" for note in notes)]
