@@ -59,7 +59,7 @@ def _header(results: Mapping) -> str:
              f"- command: `{results.get('command', _MISSING)}`",
              f"- machine: {results.get('machine', _MISSING)}",
              f"- date: {results.get('date', _MISSING)}",
-             f"- wall time: {_duration(results.get('seconds'))}"]
+             f"- wall time of the latest invocation (systems kept from earlier ones excluded): {_duration(results.get('seconds'))}"]
     missing = [name for name in results.get("systems_listed", []) if name not in results.get("systems", {})]
     if missing:
         lines.append(f"- not built yet: {', '.join(missing)} (the same command builds them)")
