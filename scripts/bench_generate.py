@@ -48,9 +48,13 @@ def _time_stream(backbone, prompt_ids, new_tokens, adapter) -> tuple[float, floa
     return first - start, (new_tokens - 1) / (end - first)
 
 
+def _weight_matrices(backbone) -> list[torch.Tensor]:
+    return [w for w in backbone.base.parameters() if w.dim() == 2]
+
+
 def _bound_tokens_per_second(backbone, repeats: int = 9) -> float:
     """Tokens/s if a decode step cost nothing but reading every weight matrix once (median of runs)."""
-    weights = [w for w in backbone.base.parameters() if w.dim() == 2]
+    weights = _weight_matrices(backbone)
     vectors = {w.shape[1]: torch.randn(w.shape[1]) for w in weights}
     times = []
     with torch.inference_mode():
@@ -107,7 +111,7 @@ def main() -> None:
     ]
     stream(backbone, adapter=None)  # warm-up
     print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on these cores skew every number)")
-    weight_gb = sum(w.numel() * w.element_size() for w in backbone.base.parameters() if w.dim() == 2) / 1e9
+    weight_gb = sum(w.numel() * w.element_size() for w in _weight_matrices(backbone)) / 1e9
     print(f"weight matrices: {weight_gb:.3f} GB read per token")
     print(f"{'variant':34} {'adapter':10} {'runs':>4} {'first token s':>14} {'decode tok/s':>13} "
           f"{'bound tok/s':>12} {'% bound':>8}")

@@ -254,13 +254,17 @@ def _recorded(earlier: dict, config: Config, datasets: list) -> dict:
 
     Baselines are evaluated with bsharedrag, so they hold while its key does.
     """
+    keys = {}  # by the system whose settings an entry depends on: each key is computed once
     valid = {}
     for name, entry in earlier.items():
-        try:
-            (system,) = systems(CompareConfig(systems=["bsharedrag" if name in _BASELINES else name]))
-        except ValueError:
-            continue
-        if entry.get("key") == _system_key(config, system, datasets):
+        owner = "bsharedrag" if name in _BASELINES else name
+        if owner not in keys:
+            try:
+                (system,) = systems(CompareConfig(systems=[owner]))
+            except ValueError:
+                continue
+            keys[owner] = _system_key(config, system, datasets)
+        if entry.get("key") == keys[owner]:
             valid[name] = entry
     return valid
 
