@@ -28,7 +28,7 @@ def _efficiency(rss: float) -> dict:
 def _sweep(weight: float, hit3: float) -> dict:
     generation = _generation(20.0 + weight)
     del generation["bertscore"]  # a metric this system lacks
-    return {"group": "sweep", "lambda": weight, "description": f"one adapter, λ = {weight:g}",
+    return {"group": "sweep", "lambda": weight, "description": f"one adapter, λ = {weight:g}", "date": "2026-11-29T10:00:00",
             "eval": {name: {"retrieval": _retrieval(hit3), "generation": generation} for name in DATASETS},
             "efficiency": {"peak_rss_mib": 1100.0, "query_ms_p50": 40.0}}
 
@@ -37,6 +37,7 @@ def _results(lambdas=(1.0, 0.1)) -> dict:
     """Sweep systems listed out of λ order; bm25 has retrieval only, zero_shot generation only."""
     systems = {
         "bsharedrag": {"group": "system", "lambda": None, "description": "two adapters on the shared backbone",
+                       "date": "2026-11-28T04:30:00",
                        "eval": {name: {"retrieval": _retrieval(0.81), "generation": _generation(25.3)}
                                 for name in DATASETS},
                        "efficiency": _efficiency(1237.0)},
@@ -124,6 +125,17 @@ def test_efficiency_table_skips_untimed_systems_and_marks_gaps(report):
     assert list(rows) == ["bsharedrag", "fully_shared-l1", "fully_shared-l0.1"]
     assert rows["bsharedrag"]["peak_rss_mib"] == "1237.0" and rows["bsharedrag"]["query_ms_p95"] == "80.0"
     assert rows["fully_shared-l1"]["tokens_per_second"] == "–"
+    assert rows["bsharedrag"]["timed on"] == "2026-11-28" and rows["fully_shared-l1"]["timed on"] == "2026-11-29"
+
+
+def test_efficiency_timed_on_several_days_says_so(report, tmp_path):
+    _, markdown = report
+    assert "Timed on 2 different days" in markdown
+    results = _results()
+    for entry in results["systems"].values():
+        entry["date"] = "2026-11-29T10:00:00"
+    same_day = write_report(results, tmp_path / "same-day").read_text()
+    assert "different days" not in same_day
 
 
 def test_sweep_table_is_sorted_by_lambda(report):

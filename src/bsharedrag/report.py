@@ -107,9 +107,17 @@ def _efficiency_section(systems: Mapping, out_dir: Path) -> str:
     measured = {name: entry["efficiency"] for name, entry in systems.items() if entry.get("efficiency")}
     if not measured:
         return f"{title}\n\nNo system was timed."
-    table = _system_table(systems, measured, EFFICIENCY_METRICS)
+    days = {name: str(systems[name].get("date") or _MISSING)[:10] for name in measured}
+    rows = [[name, systems[name].get("group", _MISSING), days[name],
+             *(_format(metric, measured[name].get(metric)) for metric in EFFICIENCY_METRICS)] for name in measured]
+    table = _table(["system", "group", "timed on", *EFFICIENCY_METRICS], rows, text_columns=3)
+    parts = [title, table, "![efficiency](efficiency.png)"]
+    if len(set(days.values())) > 1:
+        parts.insert(1, f"Timed on {len(set(days.values()))} different days. A shared host's speed varies from day "
+                        "to day, so compare speeds only between systems timed on the same day; peak memory "
+                        "does not depend on the day.")
     _efficiency_plot(out_dir / "efficiency.png", measured)
-    return "\n\n".join([title, table, "![efficiency](efficiency.png)"])
+    return "\n\n".join(parts)
 
 
 def _systems_section(systems: Mapping) -> str:
