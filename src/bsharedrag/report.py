@@ -108,14 +108,12 @@ def _efficiency_section(systems: Mapping, out_dir: Path) -> str:
     if not measured:
         return f"{title}\n\nNo system was timed."
     days = {name: str(systems[name].get("date") or _MISSING)[:10] for name in measured}
-    rows = [[name, systems[name].get("group", _MISSING), days[name],
-             *(_format(metric, measured[name].get(metric)) for metric in EFFICIENCY_METRICS)] for name in measured]
-    table = _table(["system", "group", "timed on", *EFFICIENCY_METRICS], rows, text_columns=3)
-    parts = [title, table, "![efficiency](efficiency.png)"]
-    if len(set(days.values())) > 1:
-        parts.insert(1, f"Timed on {len(set(days.values()))} different days. A shared host's speed varies from day "
-                        "to day, so compare speeds only between systems timed on the same day; peak memory "
-                        "does not depend on the day.")
+    parts = [title, _system_table(systems, measured, EFFICIENCY_METRICS, {"timed on": days}),
+             "![efficiency](efficiency.png)"]
+    if (count := len(set(days.values()))) > 1:
+        parts.insert(1, f"Timed on {count} different days. A shared host's speed varies from day to day, so "
+                        "compare speeds only between systems timed on the same day; peak memory does not "
+                        "depend on the day.")
     _efficiency_plot(out_dir / "efficiency.png", measured)
     return "\n\n".join(parts)
 
@@ -134,10 +132,13 @@ def _scores(entry: Mapping, dataset: str, kind: str) -> dict:
     return dict(((entry.get("eval") or {}).get(dataset) or {}).get(kind) or {})
 
 
-def _system_table(systems: Mapping, values: Mapping[str, Mapping], metrics: Sequence[str]) -> str:
-    rows = [[name, systems[name].get("group", _MISSING), *(_format(metric, scores.get(metric)) for metric in metrics)]
-            for name, scores in values.items()]
-    return _table(["system", "group", *metrics], rows, text_columns=2)
+def _system_table(systems: Mapping, values: Mapping[str, Mapping], metrics: Sequence[str],
+                  labels: Mapping[str, Mapping[str, str]] | None = None) -> str:
+    """One row per system of `values`; `labels` adds text columns ({header: {system: text}}) before the metrics."""
+    labels = labels or {}
+    rows = [[name, systems[name].get("group", _MISSING), *(column[name] for column in labels.values()),
+             *(_format(metric, scores.get(metric)) for metric in metrics)] for name, scores in values.items()]
+    return _table(["system", "group", *labels, *metrics], rows, text_columns=2 + len(labels))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:
