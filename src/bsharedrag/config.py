@@ -64,6 +64,11 @@ class DatasetRef(Section):
     path: Path = Field(description="A BEIR-style folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
     split: str = Field("train", description="The qrels split to use.")
     max_queries: int | None = Field(None, description="Use at most this many queries (a seeded sample).")
+    judged_per_product: bool = Field(
+        False,
+        description="Its qrels judge each question against every passage of the question's product and leave out "
+        "the pairs judged irrelevant (ePQA): the product's unlabelled passages are then true negatives.",
+    )
 
     @field_validator("split")
     @classmethod
@@ -126,6 +131,12 @@ class MineConfig(Section):
         le=1,
         description="Drop candidates scoring above margin x the lowest positive's score (likely unlabelled positives).",
     )
+    same_product: int = Field(
+        3,
+        ge=0,
+        description="Of `num_negatives`, up to this many are unlabelled passages of the query's own product, hardest "
+        "first; only for datasets marked `judged_per_product`.",
+    )
     random_negatives: bool = Field(False, description="Ablation: sample negatives at random from the corpus.")
 
     @field_validator("rank_window")
@@ -139,7 +150,10 @@ class MineConfig(Section):
 
 def _training_datasets() -> list[DatasetRef]:
     """The embedded training splits: ePQA train and hetPQA train (never a dev split)."""
-    return [DatasetRef(path=_PACKAGE_DATA / name, split="train") for name in ("epqa", "hetpqa")]
+    return [
+        DatasetRef(path=_PACKAGE_DATA / "epqa", split="train", judged_per_product=True),
+        DatasetRef(path=_PACKAGE_DATA / "hetpqa", split="train"),
+    ]
 
 
 class RetrieverConfig(TrainSettings):

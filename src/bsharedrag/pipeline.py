@@ -189,7 +189,9 @@ class Pipeline:
         return stats, {"path": str((folder / "model").resolve())}
 
     def _mine_artefact(self) -> Artefact:
-        inputs = {"datasets": self._dataset_inputs(self.config.retriever.datasets), "seed": self.config.seed}
+        refs = self.config.retriever.datasets
+        inputs = {"datasets": self._dataset_inputs(refs), "seed": self.config.seed,
+                  "judged_per_product": [str(ref.path) for ref in refs if ref.judged_per_product]}
         if self.config.mine.method == "dense" and not self.config.mine.random_negatives:
             inputs["backbone"] = self.manifest("pretrain")["id"]
         return Artefact(self.folder("mine"), _settings(self.config.mine), inputs)
@@ -200,7 +202,8 @@ class Pipeline:
         negatives: dict[str, list[str]] = {}
         for ref in self.config.retriever.datasets:
             dataset = self.dataset(ref)
-            negatives.update(mine_negatives(dataset, self._scorer(dataset), self.config.mine, self.config.seed))
+            negatives.update(mine_negatives(dataset, self._scorer(dataset), self.config.mine, self.config.seed,
+                                            ref.judged_per_product))
         (folder / "negatives.json").write_text(json.dumps(negatives))
         counts = [len(v) for v in negatives.values()]
         return {"queries": len(negatives), "mean_negatives": sum(counts) / max(1, len(counts))}, {}
