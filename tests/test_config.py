@@ -13,6 +13,12 @@ def test_profile_then_file_then_overrides(tmp_path):
     assert load_config(overrides=["profile=full"]).retriever.max_steps is None
 
 
+def test_overrides_name_the_embedded_datasets_as_files_do():
+    config = load_config(overrides=['retriever.datasets=[{path: DATASETS/epqa, judged_per_product: true}]'])
+    (ref,) = config.retriever.datasets
+    assert (ref.path / "corpus.jsonl").exists() and ref.judged_per_product and ref.split == "train"
+
+
 def test_unknown_key_is_an_error():
     with pytest.raises(ValidationError, match="temprature"):
         load_config(overrides=["retriever.temprature=0.1"])

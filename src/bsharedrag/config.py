@@ -306,7 +306,7 @@ def _parse_override(item: str) -> dict:
     if "=" not in item:
         raise ValueError(f"an override must look like `section.key=value`, got {item!r}")
     dotted, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw else None
+    value = _read_yaml(raw) if raw else None
     node: dict = {}
     for key in reversed(dotted.strip().split(".")):
         node = {key: value if not node else node}
