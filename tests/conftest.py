@@ -80,7 +80,7 @@ def tiny_overrides(model_dir: Path, data_dir: Path, run_dir: Path) -> list[str]:
         "backbone.precision=fp32",
         f"pretrain.datasets={json.dumps([str(data_dir)])}",
         "pretrain.seq_len=32", "pretrain.batch_size=2", "pretrain.max_tokens=null", "pretrain.heldout_fraction=0.3",
-        f"retriever.datasets={json.dumps(train)}",
+        f"retriever.datasets={json.dumps([{**train[0], 'judged_per_product': True}])}",
         "retriever.batch_size=4", "retriever.micro_batch_size=2", "retriever.max_steps=3", "retriever.epochs=3", "retriever.lora.r=4",
         "mine.num_negatives=2", "mine.rank_window=[0,10]",
         f"generator.datasets={json.dumps(train)}",

@@ -20,6 +20,10 @@ def test_retrieval_half_end_to_end(pipeline):
     stats = done["pretrain"]["stats"]
     assert stats["heldout_perplexity_after"] > 0 and stats["steps"] >= 1
     assert (pipeline.folder("pretrain") / "model" / "config.json").exists()
+    negatives = json.loads((pipeline.folder("mine") / "negatives.json").read_text())
+    for query_id, mined in negatives.items():  # judged per product: the product's two other passages
+        product = query_id.removesuffix("-q")
+        assert sorted(mined) == [f"{product}-d1", f"{product}-d2"]
     assert done["retriever"]["stats"]["steps"] == 3
     assert (pipeline.folder("retriever") / "adapter_config.json").exists()
     index = VectorIndex.open(pipeline.folder("index"))
