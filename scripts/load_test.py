@@ -2,6 +2,12 @@
 
     python scripts/load_test.py --url http://127.0.0.1:8000                 # a server you started
     python scripts/load_test.py --run runs/quick --ask-requests 16          # starts `bsharedrag serve` itself
+    BSHAREDRAG_API_KEY=k python scripts/load_test.py --run runs/quick --mixed 3 --upsert-during 1500 \
+        --set serve.max_batch_documents=1500 --set serve.max_body_bytes=4000000
+
+`--mixed R` sends R rounds of 20 searches, 5 streaming asks and 2 upserts at once; `--upsert-during N`
+times searches (4 clients) while one upsert of N documents runs. Both need the API key for upserts,
+and both remove the documents they added.
 
 Every level sends a bounded number of requests (`--requests`, `--ask-requests`) from N concurrent
 clients; only loopback addresses are accepted, so the script can never load someone else's server.
@@ -87,6 +93,104 @@ async def level(url: str, endpoint: str, clients: int, requests: int, max_new_to
     return row
 
 
+def _documents(prefix: str, count: int) -> list[dict]:
+    return [{"_id": f"{prefix}-{n}", "title": f"Load test item {n}", "product_id": f"{prefix}-product",
+             "text": f"Load test passage {n}: a stainless steel kettle of 1.{n % 9} litres with a 2 kW element."}
+            for n in range(count)]
+
+
+async def _upsert(http: httpx.AsyncClient, docs: list[dict]) -> float:
+    started = time.perf_counter()
+    response = await http.put("/v1/documents", json={"documents": docs})
+    response.raise_for_status()
+    return time.perf_counter() - started
+
+
+async def _remove(http: httpx.AsyncClient, docs: list[dict]) -> None:
+    for doc in docs:
+        await http.delete(f"/v1/documents/{doc['_id']}")
+
+
+def _summary(endpoint: str, latencies: list[float], errors: list[str], firsts: list[float] | None = None) -> dict:
+    row = {"endpoint": endpoint, "requests": len(latencies) + len(errors), "errors": len(errors)}
+    if latencies:
+        row |= {"p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 1),
+                "p95_ms": round(float(np.percentile(latencies, 95)) * 1000, 1)}
+    if firsts:
+        row |= {"ttft_p50_ms": round(float(np.percentile(firsts, 50)) * 1000, 1),
+                "ttft_p95_ms": round(float(np.percentile(firsts, 95)) * 1000, 1)}
+    if errors:
+        row["first_error"] = errors[0]
+    return row
+
+
+async def mixed(url: str, rounds: int, max_new_tokens: int, key: str | None, upsert_docs: int = 8) -> list[dict]:
+    """`rounds` rounds of 20 searches, 5 streaming asks and 2 upserts sent at once (the hostile-input probe's load)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    results: dict[str, tuple[list, list, list]] = {name: ([], [], []) for name in ("search", "ask", "upsert")}
+    added: list[dict] = []
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as http:
+
+        async def timed(name: str, job) -> None:
+            latencies, firsts, errors = results[name]
+            try:
+                outcome = await job
+            except (httpx.HTTPError, RuntimeError) as error:
+                errors.append(repr(error))
+            else:
+                latency, first = outcome if isinstance(outcome, tuple) else (outcome, None)
+                latencies.append(latency)
+                if first is not None and name == "ask":
+                    firsts.append(first)
+
+        for round_number in range(rounds):
+            batches = [_documents(f"mixed-r{round_number}-u{u}", upsert_docs) for u in range(2)]
+            added += [doc for batch in batches for doc in batch]
+            jobs = [timed("search", _one(http, "search", QUESTIONS[n % len(QUESTIONS)], max_new_tokens))
+                    for n in range(20)]
+            jobs += [timed("ask", _one(http, "ask", QUESTIONS[n], max_new_tokens)) for n in range(5)]
+            jobs += [timed("upsert", _upsert(http, batch)) for batch in batches]
+            await asyncio.gather(*jobs)
+        await _remove(http, added)
+    return [_summary(f"mixed:{name}", *(results[name][0], results[name][2], results[name][1]))
+            for name in ("search", "ask", "upsert")]
+
+
+async def searches_during_upsert(url: str, count: int, key: str | None) -> list[dict]:
+    """Search latency from 4 clients while one upsert of `count` documents runs, against the idle baseline."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    docs = _documents("during", count)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600) as http:
+
+        async def search_until(done: asyncio.Event | None, limit: int) -> tuple[list, list]:
+            latencies, errors = [], []
+            while (done is None or not done.is_set()) and len(latencies) + len(errors) < limit:
+                try:
+                    latencies.append((await _one(http, "search", QUESTIONS[len(latencies) % len(QUESTIONS)], 0))[0])
+                except httpx.HTTPError as error:
+                    errors.append(repr(error))
+            return latencies, errors
+
+        idle = await asyncio.gather(*(search_until(None, 10) for _ in range(4)))
+        done = asyncio.Event()
+
+        async def upsert() -> float:
+            try:
+                return await _upsert(http, docs)
+            finally:
+                done.set()
+
+        upsert_task = asyncio.ensure_future(upsert())
+        during = await asyncio.gather(*(search_until(done, 10_000) for _ in range(4)))
+        upsert_seconds = await upsert_task
+        await _remove(http, docs)
+    flat = lambda parts, i: [value for part in parts for value in part[i]]  # noqa: E731
+    return [_summary("search (idle)", flat(idle, 0), flat(idle, 1)),
+            _summary(f"search (during a {count}-document upsert)", flat(during, 0), flat(during, 1)),
+            {"endpoint": f"upsert of {count} documents", "requests": 1, "errors": 0,
+             "p50_ms": round(upsert_seconds * 1000, 1), "p95_ms": round(upsert_seconds * 1000, 1)}]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -125,6 +229,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="Search requests per level.")
     parser.add_argument("--ask-requests", type=int, default=50, help="Ask requests per level.")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--mixed", type=int, default=0, metavar="ROUNDS",
+                        help="Instead: ROUNDS rounds of 20 searches, 5 streaming asks and 2 upserts at once.")
+    parser.add_argument("--upsert-during", type=int, default=0, metavar="N",
+                        help="Instead (or after --mixed): search latency while one upsert of N documents runs.")
     parser.add_argument("--json", type=Path, help="Also write the rows to this JSON file.")
     args = parser.parse_args()
     if (args.url is None) == (args.run is None):
@@ -141,6 +249,14 @@ def main() -> None:
     key = os.environ.get("BSHAREDRAG_API_KEY")
     rows = []
     try:
+        if args.mixed or args.upsert_during:
+            if not 0 <= args.mixed <= 20 or not 0 <= args.upsert_during <= 10_000:
+                parser.error("keep it bounded: at most 20 mixed rounds and 10000 upserted documents")
+            if args.mixed:
+                rows += asyncio.run(mixed(url, args.mixed, args.max_new_tokens, key))
+            if args.upsert_during:
+                rows += asyncio.run(searches_during_upsert(url, args.upsert_during, key))
+            args.endpoints = []
         for endpoint in args.endpoints:
             levels = (args.ask_concurrency or args.concurrency) if endpoint == "ask" else args.concurrency
             requests = args.ask_requests if endpoint == "ask" else args.requests
@@ -152,10 +268,10 @@ def main() -> None:
         if server is not None:
             server.terminate()
             server.wait(60)
-    print(f"\n{'endpoint':8} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>9} {'p95 ms':>9} {'req/s':>8}")
+    print(f"\n{'endpoint':42} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>9} {'p95 ms':>9} {'req/s':>8}")
     for row in rows:
-        print(f"{row['endpoint']:8} {row['clients']:>7} {row['requests']:>8} {row['errors']:>6} "
-              f"{row.get('p50_ms', '-'):>9} {row.get('p95_ms', '-'):>9} {row['throughput_rps']:>8}")
+        print(f"{row['endpoint']:42} {row.get('clients', '-'):>7} {row['requests']:>8} {row['errors']:>6} "
+              f"{row.get('p50_ms', '-'):>9} {row.get('p95_ms', '-'):>9} {row.get('throughput_rps', '-'):>8}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -29,3 +29,24 @@ def test_bad_values_are_refused_with_the_value():
         load_config(overrides=["retriever.batch_size=8", "retriever.micro_batch_size=3"])
     with pytest.raises(ValueError, match="section.key=value"):
         load_config(overrides=["nonsense"])
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("retriever:\n  temperature: 0.05\n  lr: [1e-4\n")
+    with pytest.raises(ValueError, match=rf"{path}:\d+:\d+: malformed YAML"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"override 'retriever.lr=\[1'.*malformed YAML"):
+        load_config(overrides=["retriever.lr=[1"])
+
+
+def test_the_cli_reports_malformed_yaml_as_an_error_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from bsharedrag.cli import app
+
+    path = tmp_path / "broken.yaml"
+    path.write_text("eval: {systems: [bm25\n")
+    result = CliRunner().invoke(app, ["eval", "--config", str(path), "--run", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "error:" in result.output and f"{path}:" in result.output
+    assert "Traceback" not in result.output

@@ -32,3 +32,22 @@ def test_strict_mode_turns_a_broken_line_into_an_error(tmp_path):
 def test_missing_split_names_the_available_ones(tiny_dataset):
     with pytest.raises(FileNotFoundError, match="dev"):
         load_dataset(tiny_dataset, "test")
+
+
+def test_what_reading_lost_is_recorded(tmp_path):
+    folder = write_dataset(tmp_path / "broken", broken_line=True)
+    with (folder / "qrels" / "train.tsv").open("a") as handle:
+        handle.write("p1-q\tbroken\t1\nlonely-q\tbroken\t2\n")  # judgements of the passage on the broken line
+    dataset = load_dataset(folder, "train")
+    assert dataset.losses["dropped_judgements"] == 2 and dataset.losses["dropped_queries"] == 1
+    (skipped,) = dataset.losses["skipped_lines"]
+    assert skipped.startswith(f"{folder / 'corpus.jsonl'}:3: ")
+    assert dataset.sample(1).losses == dataset.losses
+
+
+def test_the_strict_error_says_error_not_skipped(tmp_path):
+    folder = write_dataset(tmp_path / "broken", broken_line=True)
+    with pytest.raises(DataError) as error:
+        load_dataset(folder, "train", strict=True)
+    assert "malformed line" in str(error.value) and "skipped" not in str(error.value).split("(")[0]
+    assert "strict_data" in str(error.value)

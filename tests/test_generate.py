@@ -92,3 +92,12 @@ def test_bad_arguments_raise_at_call_time():
         stream_tokens(backbone, PROMPT, 0)
     with pytest.raises(ValueError, match="prompt_ids"):
         stream_tokens(backbone, [], 4)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-30, 2.0])
+def test_sampling_stays_finite_at_any_valid_temperature(temperature):
+    logits = torch.tensor([3.0, 9.0, -4.0, 9.0 - 1e-3])
+    picks = {generation._next_token(logits, temperature, 1.0, torch.Generator().manual_seed(s)) for s in range(20)}
+    assert picks <= {0, 1, 2, 3}
+    if temperature < 1e-20:
+        assert picks == {1}  # tends to greedy

@@ -7,7 +7,7 @@ import pytest
 from bsharedrag.config import load_config
 from bsharedrag.index import IndexMismatchError, VectorIndex
 from bsharedrag.pipeline import Pipeline
-from conftest import tiny_overrides
+from conftest import tiny_overrides, write_dataset
 
 
 @pytest.fixture
@@ -71,6 +71,18 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(pipeline, tiny_dataset, tmp
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(output.read_text())["split"] == "train"
     assert "| bsharedrag |" in evaluated.output
+    assert json.loads(output.read_text())["data_losses"] == {"skipped_lines": [], "dropped_judgements": 0,
+                                                            "dropped_queries": 0}
+
+    broken = write_dataset(tmp_path / "broken", broken_line=True)
+    with (broken / "qrels" / "train.tsv").open("a") as handle:
+        handle.write("p1-q\tbroken\t1\n")  # judges the passage on the broken line
+    lossy = runner.invoke(app, ["eval", "--run", run, "--data", str(broken), "--split", "train",
+                                "--output", str(output), "--set", "eval.generation=false"])
+    assert lossy.exit_code == 0, lossy.output
+    losses = json.loads(output.read_text())["data_losses"]
+    assert losses["dropped_judgements"] == 1 and losses["skipped_lines"][0].startswith(f"{broken / 'corpus.jsonl'}:3")
+    assert "skipped 1 malformed line(s) and dropped 1 judgement(s)" in lossy.output
 
     empty = runner.invoke(app, ["ask", "   ", "--run", run])
     assert empty.exit_code == 1 and "question" in empty.output

@@ -32,7 +32,7 @@ def test_ask_cites_only_given_passages(backbone, retriever, monkeypatch):
     monkeypatch.setattr(rag_module, "stream_tokens", _scripted(["It fits ", "[2]", " but not [7]."]))
     answer = RAG(backbone, retriever, GeneratorConfig()).ask("Does it fit?", product_id="B001")
 
-    assert answer.text == "It fits [2] but not [7]."
+    assert answer.text == "It fits [2] but not ."  # [7] points at no given passage
     assert answer.citations == [Citation(2, "d2", "Crisper drawer")]
     assert [hit.doc.id for hit in answer.passages] == ["d1", "d2", "d3"]
     assert retriever.calls == [(["Does it fit?"], 3, "B001")]
@@ -104,3 +104,26 @@ def test_given_passages_need_no_retriever(backbone, monkeypatch, adapter):
 def test_unknown_adapter_raises(backbone, retriever):
     with pytest.raises(KeyError, match="known adapters"):
         RAG(backbone, retriever, GeneratorConfig(), adapter="nope")
+
+
+@pytest.mark.parametrize(("chunks", "expected"), [
+    (["See [", "2", "]", "."], ["See ", "[2]", "."]),
+    (["See [1", ", 9] and [", "7]", " too [x]"], ["See ", "[1] and ", " too [x]"]),
+    (["[12", "]"], []),
+    (["ends [3"], ["ends ", "[3"]),  # never closed: not a marker, sent once the answer ends
+])
+def test_markers_of_passages_not_given_never_reach_the_stream(backbone, retriever, monkeypatch, chunks, expected):
+    monkeypatch.setattr(rag_module, "stream_tokens", _scripted(chunks))
+    *streamed, answer = RAG(backbone, retriever, GeneratorConfig()).stream("Does it fit?")
+    assert streamed == expected and answer.text == "".join(expected).strip()
+    assert all(1 <= c.number <= 3 for c in answer.citations)
+
+
+@pytest.mark.parametrize(("question", "fragment"), [("Is it waterproof?", "no passage"), ("防水吗？", "无法回答")])
+def test_no_passage_found_says_so_and_generates_nothing(backbone, monkeypatch, question, fragment):
+    def must_not_generate(*args, **kwargs):
+        raise AssertionError("generated an answer from no passage")
+
+    monkeypatch.setattr(rag_module, "stream_tokens", must_not_generate)
+    answer = RAG(backbone, FakeRetriever([]), GeneratorConfig()).ask(question, product_id="NOPE-1")
+    assert fragment in answer.text and answer.citations == [] and answer.passages == []

@@ -111,6 +111,16 @@ def test_cli_docs_add_and_rm(run_copy, tmp_path):
     index = VectorIndex.open(run_copy / "index")
     assert index.get("cli-2").text == "ten litres" and index.get("cli-1") is None
 
+    ids = tmp_path / "ids.txt"
+    ids.write_text("cli-2\n\n")
+    from_file = runner.invoke(cli, ["docs", "rm", "--ids-file", str(ids), "--run", run])
+    assert from_file.exit_code == 0 and "removed 1 documents; the index holds 24" in from_file.output
+    assert runner.invoke(cli, ["docs", "rm", "--run", run]).exit_code == 1
+
+    corpus.write_text('{"_id": "bad\\nid", "text": "x"}\n')
+    refused = runner.invoke(cli, ["docs", "add", str(corpus), "--run", run])
+    assert refused.exit_code == 1 and "new.jsonl:1" in refused.output and "line breaks" in refused.output
+
     corpus.write_text('{"_id": "cli-3", "title": "Mop"}\n')
     broken = runner.invoke(cli, ["docs", "add", str(corpus), "--run", run])
     assert broken.exit_code == 1 and "new.jsonl:1" in broken.output and "`text` must be a string" in broken.output

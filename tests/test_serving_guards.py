@@ -52,7 +52,7 @@ BAD_REQUESTS = [
     ("PUT", "/v1/documents", {"documents": []}, 422, "at least 1 item"),
     ("PUT", "/v1/documents", {"documents": [_doc(1), _doc(1)]}, 422, "appears twice"),
     ("PUT", "/v1/documents", {"documents": [_doc(1, text="y" * 501)]}, 422, "serve.max_document_chars"),
-    ("PUT", "/v1/documents", {"documents": [{"_id": "", "text": "x"}]}, 422, "`_id` is missing or empty"),
+    ("PUT", "/v1/documents", {"documents": [{"_id": "", "text": "x"}]}, 422, "an id must not be empty"),
     ("PUT", "/v1/documents", {"documents": [{"_id": "a"}]}, 422, "Field required"),
     ("PUT", "/v1/documents", {"documents": [_doc(1, text="z" * 400) for _ in range(60)]}, 413, "max_body_bytes"),
     ("GET", "/v1/documents/no-such-doc", None, 404, "no document with id 'no-such-doc'"),

@@ -154,3 +154,21 @@ def test_stop_finishes_admitted_jobs_then_refuses_new_ones():
 def test_bad_sizes_are_refused(capacity, max_batch):
     with pytest.raises(ValueError, match="must be positive"):
         Scheduler(capacity, max_batch)
+
+
+def test_one_failing_item_fails_only_its_own_job(scheduler):
+    calls = []
+
+    def batch(items):
+        calls.append(list(items))
+        if "bad" in items:
+            raise ValueError("cannot embed 'bad'")
+        return [item.upper() for item in items]
+
+    release = _blocked(scheduler)
+    futures = [scheduler.submit_batched("k", batch, item) for item in ("a", "bad", "c", "d")]
+    release.set()
+    assert [futures[i].result(10) for i in (0, 2, 3)] == ["A", "C", "D"]
+    with pytest.raises(ValueError, match="cannot embed 'bad'"):
+        futures[1].result(10)
+    assert calls[0] == ["a", "bad", "c", "d"] and sorted(map(tuple, calls[1:])) == [("a",), ("bad",), ("c",), ("d",)]

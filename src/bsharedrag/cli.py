@@ -205,6 +205,12 @@ def _print_tables(results_path: Path) -> None:
         if results.get(section):
             typer.echo(f"\n{section} ({results['data']}, split {results['split']}, {results['queries']} queries)\n")
             typer.echo(markdown_table(results[section]))
+    losses = results.get("data_losses") or {}
+    if losses.get("skipped_lines") or losses.get("dropped_judgements"):
+        typer.secho(f"\nwarning: reading {results['data']} skipped {len(losses['skipped_lines'])} malformed line(s) "
+                    f"and dropped {losses['dropped_judgements']} judgement(s) of passages missing from the corpus "
+                    f"({losses['dropped_queries']} queries lost all of theirs); listed under `data_losses` in "
+                    f"{results_path}", fg=typer.colors.YELLOW, err=True)
 
 
 def main() -> None:  # pragma: no cover
@@ -254,13 +260,18 @@ def docs_add(file: Annotated[Path, typer.Argument(help="A corpus.jsonl file: _id
 
 
 @docs_app.command("rm")
-def docs_rm(ids: Annotated[list[str], typer.Argument(help="Ids of the documents to remove.")],
+def docs_rm(ids: Annotated[list[str] | None, typer.Argument(help="Ids of the documents to remove.")] = None,
+            ids_file: Annotated[Path | None, typer.Option(
+                "--ids-file", help="Also remove the ids listed in this file, one per line (`-`: standard input).")] = None,
             run: RunOption = None, config: ConfigOption = None, set_: SetOption = None):
     """Remove documents by id (one transaction)."""
     from .index import VectorIndex
-    from .serving import delete_documents, serving_lock
+    from .serving import delete_documents, read_document_ids, serving_lock
 
     try:
+        ids = list(ids or []) + (read_document_ids(ids_file) if ids_file is not None else [])
+        if not ids:
+            raise ValueError("name the ids to remove as arguments or in a file with --ids-file")
         folder = Path(_config(config, set_, run).run_dir) / "index"
         with serving_lock(folder, holder="`bsharedrag docs rm`"):
             index = VectorIndex.open(folder)

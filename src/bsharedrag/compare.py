@@ -136,10 +136,17 @@ def _content_named(value):
         return {key: _content_named(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_content_named(item) for item in value]
-    if isinstance(value, str) and value and (Path(value) / "corpus.jsonl").is_file():
+    if isinstance(value, str) and _is_dataset_folder(value):
         folder = Path(value)
         return "dataset:" + file_hash(folder / "corpus.jsonl", folder / "queries.jsonl", *sorted(folder.glob("qrels/*.tsv")))
     return value
+
+
+def _is_dataset_folder(value: str) -> bool:
+    try:
+        return bool(value) and (Path(value) / "corpus.jsonl").is_file()
+    except OSError:  # a setting's text too long for a file name (a system prompt) is no folder
+        return False
 
 
 def _system_key(config: Config, system: System, datasets: list) -> str:

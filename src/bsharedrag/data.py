@@ -60,7 +60,16 @@ class Query:
     answers: tuple[str, ...] = ()
 
 
-def _read_jsonl(path: Path, parse, strict: bool) -> list:
+def _malformed(path: Path, number: int, error: Exception, strict: bool, skipped: list[str] | None) -> None:
+    """A malformed line: an error when `strict`, else logged and noted in `skipped` (`file:line: why`)."""
+    if strict:
+        raise DataError(f"{path}:{number}: malformed line ({error}); fix it, or set strict_data: false to skip it")
+    log.warning("%s:%d: malformed line skipped (%s)", path, number, error)
+    if skipped is not None:
+        skipped.append(f"{path}:{number}: {error}")
+
+
+def _read_jsonl(path: Path, parse, strict: bool, skipped: list[str] | None = None) -> list:
     """Parse each line with `parse`; a bad line is logged with file:line (or raised when strict)."""
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -72,18 +81,15 @@ def _read_jsonl(path: Path, parse, strict: bool) -> list:
             try:
                 items.append(parse(json.loads(line)))
             except (json.JSONDecodeError, ValueError, TypeError) as error:
-                message = f"{path}:{number}: malformed line skipped ({error})"
-                if strict:
-                    raise DataError(message) from error
-                log.warning(message)
+                _malformed(path, number, error, strict, skipped)
                 bad += 1
     if bad:
         log.warning("%s: %d malformed line(s) skipped, %d read", path, bad, len(items))
     return items
 
 
-def read_corpus(path: Path, strict: bool = False) -> list[Document]:
-    return _read_jsonl(Path(path), Document.from_json, strict)
+def read_corpus(path: Path, strict: bool = False, skipped: list[str] | None = None) -> list[Document]:
+    return _read_jsonl(Path(path), Document.from_json, strict, skipped)
 
 
 def _query(row: dict) -> Query:
@@ -98,11 +104,11 @@ def _query(row: dict) -> Query:
                  tuple(str(a) for a in answers if str(a).strip()))
 
 
-def read_queries(path: Path, strict: bool = False) -> list[Query]:
-    return _read_jsonl(Path(path), _query, strict)
+def read_queries(path: Path, strict: bool = False, skipped: list[str] | None = None) -> list[Query]:
+    return _read_jsonl(Path(path), _query, strict, skipped)
 
 
-def read_qrels(path: Path, strict: bool = False) -> dict[str, dict[str, int]]:
+def read_qrels(path: Path, strict: bool = False, skipped: list[str] | None = None) -> dict[str, dict[str, int]]:
     """query id -> {doc id: graded relevance}; pairs with relevance <= 0 are dropped."""
     if not path.exists():
         splits = sorted(p.stem for p in path.parent.glob("*.tsv"))
@@ -118,10 +124,7 @@ def read_qrels(path: Path, strict: bool = False) -> dict[str, dict[str, int]]:
             try:
                 query_id, doc_id, score = parts[0], parts[1], int(float(parts[2]))
             except (IndexError, ValueError) as error:
-                message = f"{path}:{number}: malformed qrels line skipped ({error})"
-                if strict:
-                    raise DataError(message) from error
-                log.warning(message)
+                _malformed(path, number, error, strict, skipped)
                 continue
             if score > 0:
                 qrels.setdefault(query_id, {})[doc_id] = score
@@ -137,6 +140,9 @@ class Dataset:
     corpus: list[Document]
     queries: list[Query]
     qrels: dict[str, dict[str, int]]
+    # What reading lost: `skipped_lines` ("file:line: why"), `dropped_judgements` (qrels naming a
+    # passage the corpus lacks) and `dropped_queries` (judged queries left with no judgement).
+    losses: dict = field(default_factory=dict)
 
     @property
     def docs(self) -> dict[str, Document]:
@@ -150,7 +156,8 @@ class Dataset:
             return self
         queries = random.Random(seed).sample(self.queries, max_queries)
         kept = {q.id for q in queries}
-        return Dataset(self.path, self.split, self.corpus, queries, {q: r for q, r in self.qrels.items() if q in kept})
+        return Dataset(self.path, self.split, self.corpus, queries, {q: r for q, r in self.qrels.items() if q in kept},
+                       self.losses)
 
 
 def load_dataset(path: Path, split: str, strict: bool = False) -> Dataset:
@@ -158,14 +165,23 @@ def load_dataset(path: Path, split: str, strict: bool = False) -> Dataset:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"dataset folder {path} does not exist")
-    corpus = read_corpus(path / "corpus.jsonl", strict)
+    skipped: list[str] = []
+    corpus = read_corpus(path / "corpus.jsonl", strict, skipped)
     if not corpus:
         raise DataError(f"{path / 'corpus.jsonl'} holds no valid document")
-    qrels = read_qrels(path / "qrels" / f"{split}.tsv", strict)
+    qrels = read_qrels(path / "qrels" / f"{split}.tsv", strict, skipped)
     known = {doc.id for doc in corpus}
+    dropped_judgements, dropped_queries = 0, 0
     for query_id in list(qrels):
-        qrels[query_id] = {d: s for d, s in qrels[query_id].items() if d in known}
-        if not qrels[query_id]:
+        kept = {d: s for d, s in qrels[query_id].items() if d in known}
+        dropped_judgements += len(qrels[query_id]) - len(kept)
+        qrels[query_id] = kept
+        if not kept:
             del qrels[query_id]
-    queries = [q for q in read_queries(path / "queries.jsonl", strict) if q.id in qrels]
-    return Dataset(path, split, corpus, queries, {q.id: qrels[q.id] for q in queries})
+            dropped_queries += 1
+    if dropped_judgements:
+        log.warning("%s: %d judgement(s) of split %r name passages missing from the corpus and were dropped "
+                    "(%d queries lost every judgement)", path, dropped_judgements, split, dropped_queries)
+    queries = [q for q in read_queries(path / "queries.jsonl", strict, skipped) if q.id in qrels]
+    losses = {"skipped_lines": skipped, "dropped_judgements": dropped_judgements, "dropped_queries": dropped_queries}
+    return Dataset(path, split, corpus, queries, {q.id: qrels[q.id] for q in queries}, losses)

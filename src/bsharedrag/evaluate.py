@@ -102,6 +102,7 @@ def evaluate(pipeline: Pipeline, data: Path, split: str, output: Path, top_k: in
         "data": str(data),
         "split": split,
         "queries": len(dataset.queries),
+        "data_losses": dataset.losses,
         "retrieval": {s: retrieval_metrics(dataset.qrels, runs[s], RETRIEVAL_METRICS) for s in settings.systems},
         "timings_seconds": timings,
         "runs": runs,

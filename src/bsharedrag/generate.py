@@ -27,7 +27,7 @@ from .prompt import turn_end_id
 if TYPE_CHECKING:
     from .backbone import SharedBackbone
 
-__all__ = ["IncrementalDecoder", "generate", "stop_token_ids", "stream_tokens"]
+__all__ = ["GREEDY_BELOW", "IncrementalDecoder", "generate", "stop_token_ids", "stream_tokens"]
 
 _LEAN_MODEL_TYPES = ("llama", "qwen2")
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa
@@ -79,9 +79,14 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
     return stops
 
 
+# Temperatures this small are greedy decoding in all but name; dividing float32 logits by them overflows
+# (1e-300 rounds to 0 in float32 and the probabilities turn NaN), so they decode greedily.
+GREEDY_BELOW = 1e-4
+
+
 def _next_token(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Generator | None) -> int:
-    """Pick the next token from (vocab,) logits: greedy at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
+    """Pick the next token from (vocab,) logits: greedy below `GREEDY_BELOW` (0 included), else nucleus sampling."""
+    if temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
@@ -259,7 +264,7 @@ def stream_tokens(
 ) -> Iterator[str]:
     """Yield the answer to `prompt_ids` as text chunks while it is generated; stops at EOS or end of turn.
 
-    Greedy at `temperature` 0, else nucleus sampling (`top_p`, seeded by `seed`). `adapter` (None: the
+    Greedy at `temperature` 0 (and below `GREEDY_BELOW`), else nucleus sampling (`top_p`, seeded by `seed`). `adapter` (None: the
     bare base model) is active during each forward pass only, so code that runs between two chunks may
     use the backbone with another adapter.
     """

@@ -1,7 +1,7 @@
 """The one place the RAG prompt is built: numbered passages, the question, and where the answer starts.
 
 A prompt is the system prompt plus one user turn (`GeneratorConfig.user_template` filled with the
-numbered passages `[1] title: text` and the question), rendered with the tokenizer's chat template
+numbered passages `[1] title: text`, each quoted onto one line by `quote_passage`, and the question), rendered with the tokenizer's chat template
 when it has one and as plain `System: ... / Question: ... / Answer:` text otherwise. Each passage is
 cut to `max_passage_tokens`; when the whole prompt is still longer than `max_prompt_len`, the last
 passage is shortened, then dropped, and so on towards the first. The question is never cut: a
@@ -25,9 +25,12 @@ __all__ = [
     "Prompt",
     "build_prompt",
     "citation_marker",
+    "drop_foreign_citations",
     "encode_answer",
     "encode_prompt",
+    "open_citation_start",
     "parse_citations",
+    "quote_passage",
     "turn_end_id",
 ]
 
@@ -37,6 +40,7 @@ _MIN_PASSAGE_TOKENS = 16
 # Tokens that close an assistant turn in common chat templates (ChatML, Llama 3, Phi-3).
 _TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>")
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+_OPEN_CITATION = re.compile(r"\[[\d,\s]{0,16}")  # "[", "[1", "[1, " ... : a marker not closed yet
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,19 @@ def _render(tokenizer: PreTrainedTokenizerBase, system: str, user: str) -> list[
     return _token_ids(tokenizer, text)  # the rendered text already holds the special tokens
 
 
+def quote_passage(text: str) -> str:
+    """Passage text as inert data: one line, with its own `[n]` markers turned into `(n)`.
+
+    Catalogue text comes from outside (a shop's import, an upsert), so it must not be able to shape the
+    prompt: on one line it cannot open a numbered block of its own or a `Question:` line, and without
+    brackets it cannot forge a citation. Special tokens were already dropped when it was decoded.
+    """
+    return _CITATION.sub(lambda match: f"({match.group(1)})", " ".join(text.split()))
+
+
 def _user_turn(tokenizer, question: str, bodies: list[list[int]], settings: GeneratorConfig) -> str:
-    blocks = "\n".join(f"[{number}] {_decode(tokenizer, body)}" for number, body in enumerate(bodies, 1))
+    blocks = "\n".join(f"[{number}] {quote_passage(_decode(tokenizer, body))}"
+                       for number, body in enumerate(bodies, 1))
     try:
         return settings.user_template.format(passages=blocks or "(none)", question=question)
     except (KeyError, IndexError) as error:
@@ -136,6 +151,23 @@ def encode_answer(tokenizer: PreTrainedTokenizerBase, text: str, settings: Gener
 def citation_marker(numbers: list[int]) -> str:
     """The citation text appended to a training answer, e.g. "[2]" or "[1][3]"."""
     return "".join(f"[{number}]" for number in numbers)
+
+
+def drop_foreign_citations(text: str, n_passages: int) -> str:
+    """`text` with every citation of a passage outside 1..n_passages removed ("[1, 7]" -> "[1]", "[7]" -> "")."""
+    def keep(match: re.Match) -> str:
+        numbers = [part.strip() for part in match.group(1).split(",") if 1 <= int(part) <= n_passages]
+        return f"[{', '.join(numbers)}]" if numbers else ""
+
+    return _CITATION.sub(keep, text)
+
+
+def open_citation_start(text: str) -> int:
+    """Where a citation that may still be completing by later text starts at the end of `text`, else len(text)."""
+    start = text.rfind("[")
+    if start >= 0 and _OPEN_CITATION.fullmatch(text, start):
+        return start
+    return len(text)
 
 
 def parse_citations(answer_text: str, n_passages: int) -> list[int]:

@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING
 
 from .config import Config, GeneratorConfig
 from .generate import stream_tokens
-from .prompt import encode_prompt, parse_citations
+from .prompt import drop_foreign_citations, encode_prompt, open_citation_start, parse_citations
+from .text import has_cjk
 
 if TYPE_CHECKING:
     from .backbone import SharedBackbone
     from .index import Hit
     from .retriever import DenseRetriever
 
-__all__ = ["RAG", "Answer", "Citation", "load_rag"]
+__all__ = ["RAG", "Answer", "Citation", "load_rag", "no_passages_answer"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class RAG:
     def _generate(
         self, question: str, hits: list[Hit], max_new_tokens: int, adapter: str | None, sampling: dict
     ) -> Iterator[str | Answer]:
+        if self.settings.with_passages and not hits:
+            return self._answer_after(iter([no_passages_answer(question)]), [])  # nothing to answer from
         prompt = encode_prompt(self.backbone.tokenizer, question, [hit.doc for hit in hits], self.settings)
         hits = hits[: prompt.n_passages]  # passages cut to fit the prompt cannot be cited
         chunks = stream_tokens(self.backbone, prompt.ids, max_new_tokens, adapter=adapter, **sampling)
@@ -123,16 +126,32 @@ class RAG:
 
     @staticmethod
     def _answer_after(chunks: Iterator[str], hits: list[Hit]) -> Iterator[str | Answer]:
-        parts = []
+        """The chunks with every citation of a passage not given removed (a marker split over chunks
+        is held back until it closes), then the `Answer`."""
+        parts, pending = [], ""
         for chunk in chunks:
-            parts.append(chunk)
-            yield chunk
+            pending += chunk
+            cut = open_citation_start(pending)
+            ready, pending = drop_foreign_citations(pending[:cut], len(hits)), pending[cut:]
+            if ready:
+                parts.append(ready)
+                yield ready
+        if rest := drop_foreign_citations(pending, len(hits)):
+            parts.append(rest)
+            yield rest
         text = "".join(parts).strip()
         citations = [
             Citation(number, hits[number - 1].doc.id, hits[number - 1].doc.title)
             for number in parse_citations(text, len(hits))
         ]
         yield Answer(text, citations, hits)
+
+
+def no_passages_answer(question: str) -> str:
+    """What is said, instead of generating, when retrieval found no passage (in the question's language)."""
+    if has_cjk(question):
+        return "目录中没有找到与这个问题相关的内容，所以无法回答。"
+    return "I found no passage about this in the catalogue, so I cannot answer it."
 
 
 def load_rag(config: Config, with_generator: bool = True) -> RAG:

@@ -9,7 +9,14 @@ See docs/serving.md for the endpoints, the scheduling of model work and the oper
 from __future__ import annotations
 
 from .app import create_app, serve
-from .catalogue import ServingLockError, delete_documents, read_documents, serving_lock, upsert_documents
+from .catalogue import (
+    ServingLockError,
+    delete_documents,
+    read_document_ids,
+    read_documents,
+    serving_lock,
+    upsert_documents,
+)
 from .scheduler import QueueFull, Scheduler
 
 __all__ = [
@@ -18,6 +25,7 @@ __all__ = [
     "ServingLockError",
     "create_app",
     "delete_documents",
+    "read_document_ids",
     "read_documents",
     "serve",
     "serving_lock",

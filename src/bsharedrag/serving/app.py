@@ -17,7 +17,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
@@ -71,6 +73,7 @@ def create_app(rag: RAG, config: Config) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.api_key = key
+    app.add_exception_handler(RequestValidationError, validation_error)
     for module in (qa, openai, documents, system):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=system.WEB), name="static")
@@ -89,6 +92,24 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> N
         pass  # fail fast, before the model loads, if another process serves or updates this index
     app = create_app(load_rag(config), config)
     uvicorn.run(app, host=host or config.serve.host, port=port or config.serve.port, log_level="info")
+
+
+def _printable(value) -> str | int:
+    """`value` for an error body: integers as they are, text with anything UTF-8 cannot encode escaped."""
+    if isinstance(value, int):
+        return value
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 with where and what for each problem, never the input itself.
+
+    FastAPI's own handler echoes each rejected input, which fails to serialise exactly for the inputs
+    worth refusing (NaN, a lone surrogate) and turns a 422 into a 500.
+    """
+    detail = [{"loc": [_printable(part) for part in problem.get("loc", ())], "msg": _printable(problem.get("msg", "")),
+               "type": _printable(problem.get("type", ""))} for problem in error.errors()]
+    return JSONResponse(status_code=422, content={"detail": detail})
 
 
 class BodyLimit:

@@ -16,18 +16,23 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..data import Document
+from .schemas import check_identifier
 
 if TYPE_CHECKING:
     from ..index import VectorIndex
     from ..rag import RAG
 
-__all__ = ["ServingLockError", "delete_documents", "read_documents", "serving_lock", "upsert_documents"]
+__all__ = ["ServingLockError", "delete_documents", "read_document_ids", "read_documents", "serving_lock",
+           "upsert_documents", "upsert_steps"]
 
 _LOCK = "serve.lock"
 
@@ -47,7 +52,12 @@ def read_documents(path: Path) -> list[Document]:
             if not line.strip():
                 continue
             try:
-                docs.append(Document.from_json(json.loads(line)))
+                doc = Document.from_json(json.loads(line))
+                check_identifier(doc.id)
+                if doc.product_id is not None:
+                    check_identifier(doc.product_id)
+                doc.content.encode("utf-8")
+                docs.append(doc)
             except (json.JSONDecodeError, ValueError) as error:
                 raise ValueError(f"{path}:{number}: {error}") from error
     if not docs:
@@ -58,13 +68,43 @@ def read_documents(path: Path) -> list[Document]:
     return docs
 
 
-def upsert_documents(rag: RAG, docs: Sequence[Document], batch_tokens: int = 4096) -> int:
-    """Embed `docs` with the retriever adapter and insert or replace them, all or none; returns the count."""
+def read_document_ids(path: Path) -> list[str]:
+    """Ids listed one per line in a file (`-`: standard input), blank lines skipped."""
+    if str(path) == "-":
+        lines = sys.stdin.read().splitlines()
+    elif not Path(path).is_file():
+        raise FileNotFoundError(f"id file {path} does not exist")
+    else:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    ids = [line.strip() for line in lines if line.strip()]
+    if not ids:
+        raise ValueError(f"{path} lists no document id")
+    return ids
+
+
+def upsert_steps(rag: RAG, docs: Sequence[Document], batch_tokens: int = 4096,
+                 slice_documents: int = 16) -> Iterator[int]:
+    """Upsert `docs` one embedding slice at a time: yields the documents embedded so far after each slice.
+
+    Nothing is stored until the last slice is embedded; then every document and vector goes into the
+    index in one transaction (all or none). A server advances this between other model jobs, so a
+    large upsert does not hold up searches; closing the iterator early stores nothing.
+    """
     if not docs:
         raise ValueError("no documents to upsert")
+    docs = list(docs)
     retriever = rag.retriever
-    vectors = retriever.encoder.embed_passages(list(docs), batch_tokens)  # (len(docs), dim)
-    retriever.index.upsert(list(docs), vectors)
+    slices = []
+    for start in range(0, len(docs), slice_documents):
+        slices.append(retriever.encoder.embed_passages(docs[start:start + slice_documents], batch_tokens))
+        yield min(start + slice_documents, len(docs))
+    retriever.index.upsert(docs, np.concatenate(slices))  # (len(docs), dim)
+
+
+def upsert_documents(rag: RAG, docs: Sequence[Document], batch_tokens: int = 4096) -> int:
+    """Embed `docs` with the retriever adapter and insert or replace them, all or none; returns the count."""
+    for _ in upsert_steps(rag, docs, batch_tokens, slice_documents=max(len(docs), 1)):
+        pass
     return len(docs)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from ..data import Document
 from ..prompt import encode_prompt
 from ..rag import RAG, Answer
-from .catalogue import upsert_documents
+from .catalogue import upsert_steps
 from .scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -122,10 +122,19 @@ class Engine:
     # --- catalogue ------------------------------------------------------------------------
 
     async def upsert(self, docs: list[Document]) -> int:
-        """Embed and store `docs` (all or none); durable once this returns."""
-        count = await self.scheduler.run(upsert_documents, self.rag, docs, self.config.index.batch_tokens)
-        self._changed("upsert", count)
-        return count
+        """Embed and store `docs` (all or none); durable once this returns.
+
+        The embedding runs as a stream of slices (`serve.upsert_slice_documents` each), so searches and
+        answers queued meanwhile take their turns between two slices.
+        """
+        def steps() -> Iterator[int]:
+            return upsert_steps(self.rag, docs, self.config.index.batch_tokens, self.config.serve.upsert_slice_documents)
+
+        async with aclosing(self.scheduler.stream(steps)) as progress:
+            async for _ in progress:
+                pass
+        self._changed("upsert", len(docs))
+        return len(docs)
 
     async def delete(self, doc_id: str) -> None:
         """Remove a document; DocumentNotFound if there is none with this id."""

@@ -1,6 +1,7 @@
 """The OpenAI wire format for `/v1/embeddings`, `/v1/chat/completions` and `/v1/models`.
 
-Unknown request fields are ignored, as OpenAI clients send optional fields freely. Extensions are
+Unknown request fields are ignored, as OpenAI clients send optional fields freely; the fields that are
+read are checked as the native API's are (`CheckedBody`: valid Unicode, finite numbers, strict types). Extensions are
 optional fields an OpenAI client never sends: `input_type` for embeddings, and `retrieval`, `top_k`,
 `product_id` for chat; responses add `citations`, which OpenAI clients ignore.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from .schemas import CheckedBody, Identifier
 
 __all__ = [
     "ChatChoice",
@@ -24,7 +27,7 @@ __all__ = [
 ]
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(CheckedBody):
     input: str | list[str] = Field(description="A text or a list of texts (token-id input is not supported).")
     model: str | None = Field(None, description="Accepted for compatibility; the run's retriever is always used.")
     encoding_format: Literal["float", "base64"] = Field(
@@ -60,12 +63,12 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
-class TextPart(BaseModel):
+class TextPart(CheckedBody):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(CheckedBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -77,11 +80,11 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(CheckedBody):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(CheckedBody):
     messages: list[ChatMessage] = Field(min_length=1, description="The last user message is the question.")
     model: str | None = Field(None, description="Accepted for compatibility; the run's generator is always used.")
     stream: bool = False
@@ -95,7 +98,7 @@ class ChatRequest(BaseModel):
     user: str | None = None
     retrieval: bool = Field(True, description="Extension: answer from retrieved passages (False: closed book).")
     top_k: int | None = Field(None, ge=1, description="Extension: passages retrieved.")
-    product_id: str | None = Field(None, description="Extension: only this product's passages.")
+    product_id: Identifier | None = Field(None, description="Extension: only this product's passages.")
 
     @property
     def question(self) -> str:

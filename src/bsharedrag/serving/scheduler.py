@@ -10,6 +10,8 @@ Three kinds of job:
 - `call`: a function run once (embeddings, document upserts).
 - `batched`: items that share a key are run together; the worker takes the queued jobs with the same
   key in one go (dynamic batching), e.g. up to `max_batch` searches embedded in one forward pass.
+  When a batch raises, its items are run again one by one, so an item that fails fails only its
+  own request, never its neighbours in the batch.
 - `stream`: an iterator (answer generation). The worker advances it by one chunk, then puts it at the
   back of the queue, so searches and other answers interleave with a long answer instead of waiting
   for it. `stream_tokens` enters the adapter per forward pass, never across a `yield`, which is what
@@ -200,15 +202,25 @@ class Scheduler:
             if live:
                 if self.metrics is not None:
                     self.metrics.batch_size.observe(len(live))
-                results = jobs[0].fn([job.item for job in live])
-                for job, result in zip(live, results, strict=True):
-                    job.future.set_result(result)
-        except Exception as error:  # noqa: BLE001 - every job of the batch gets the error
-            for job in live:
-                if not job.future.done():
-                    job.future.set_exception(error)
+                self._settle(jobs[0].fn, live)
         finally:
             self._release(len(jobs))
+
+    @staticmethod
+    def _settle(batch_fn: Callable[[list], list], jobs: list[_Job]) -> None:
+        """Run `jobs` as one batch; if it fails, run each alone, so one bad item fails only its own request."""
+        try:
+            results = batch_fn([job.item for job in jobs])
+        except Exception as error:  # noqa: BLE001 - handed to the awaiting request(s)
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(error)
+                return
+            log.warning("a batch of %d failed (%s); running its items one by one", len(jobs), error)
+            for job in jobs:
+                Scheduler._settle(batch_fn, [job])
+            return
+        for job, result in zip(jobs, results, strict=True):
+            job.future.set_result(result)
 
     def _step(self, job: _Job) -> None:
         """Advance a stream by one item; re-queue it unless it is finished, failed or cancelled."""

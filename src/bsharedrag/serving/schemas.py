@@ -1,6 +1,9 @@
 """Request and response bodies of the native API (`/v1/search`, `/v1/ask`, `/v1/documents`).
 
-Requests refuse unknown fields, so a typo is a 422 instead of a silently ignored setting. Documents
+Requests refuse unknown fields, so a typo is a 422 instead of a silently ignored setting. Every request
+body is checked before anything runs on it (`CheckedBody`): text that UTF-8 cannot encode (a lone
+surrogate, which JSON's `\udfff` escape can carry), `NaN` and infinities are refused, and types are
+strict (`"5"` is not an integer, `"yes"` is not a boolean, `true` is not an id). Documents
 use the corpus.jsonl field names (`_id`, `title`, `text`, `product_id`, any extra fields), so a
 document read back with GET can be sent to PUT unchanged. Limits that come from the server's
 settings (question length, top_k, batch size) are checked by the routes, with the limit in the message.
@@ -9,9 +12,12 @@ The OpenAI-compatible bodies are in `openai_schemas.py`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+import math
+import unicodedata
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from ..data import Document
 
@@ -20,7 +26,10 @@ if TYPE_CHECKING:
     from ..rag import Answer
 
 __all__ = [
+    "MAX_ID_CHARS",
     "AskRequest",
+    "CheckedBody",
+    "Identifier",
     "AskResponse",
     "CitationOut",
     "DeleteResponse",
@@ -33,10 +42,65 @@ __all__ = [
     "SearchResponse",
     "UpsertRequest",
     "UpsertResponse",
+    "check_identifier",
 ]
 
 
-class _Request(BaseModel):
+MAX_ID_CHARS = 256
+
+
+def unencodable_text(value: Any, where: str = "body") -> str | None:
+    """Where in a parsed JSON value a string (or key) UTF-8 cannot encode, or a non-finite number, sits."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return f"{where} holds a character that is not valid Unicode (a lone surrogate) at position {error.start}"
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} is not a finite number (NaN, Infinity and overflowing literals are refused)"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if problem := unencodable_text(key, f"a key of {where}") or unencodable_text(item, f"{where}.{key}"):
+                return problem
+    if isinstance(value, list):
+        for number, item in enumerate(value):
+            if problem := unencodable_text(item, f"{where}[{number}]"):
+                return problem
+    return None
+
+
+class CheckedBody(BaseModel):
+    """A request body: valid Unicode and finite numbers only, strict types; unknown fields are subclasses' call."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        if problem := unencodable_text(data):
+            raise ValueError(problem)
+        return data
+
+
+def check_identifier(value: str) -> str:
+    """`value` if it can serve as a document or product id; ValueError saying why not."""
+    if not value:
+        raise ValueError("an id must not be empty")
+    if len(value) > MAX_ID_CHARS:
+        raise ValueError(f"an id is at most {MAX_ID_CHARS} characters, got {len(value)}")
+    for position, char in enumerate(value):
+        if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            raise ValueError(f"an id must not hold control characters or line breaks (U+{ord(char):04X} at "
+                             f"position {position}): it could never be addressed in a URL or on a command line")
+    return value
+
+
+# Document and product ids: what can be stored can be read and deleted again over HTTP and the CLI.
+Identifier = Annotated[StrictStr, AfterValidator(check_identifier)]
+
+
+class _Request(CheckedBody):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -47,7 +111,7 @@ class ErrorResponse(BaseModel):
 class SearchRequest(_Request):
     question: str = Field(min_length=1, description="The customer's question.", examples=["Does it fit a 2012 Civic?"])
     top_k: int | None = Field(None, ge=1, description="Passages to return (default: the generator's top_k).")
-    product_id: str | None = Field(None, description="Only passages of this product.")
+    product_id: Identifier | None = Field(None, description="Only passages of this product.")
 
 
 class AskRequest(SearchRequest):
@@ -55,18 +119,24 @@ class AskRequest(SearchRequest):
     max_new_tokens: int | None = Field(None, ge=1, description="Longest answer in tokens (default and cap: the server's).")
 
 
-class DocumentIn(BaseModel):
+class DocumentIn(CheckedBody):
     """One corpus.jsonl row; fields beyond these are kept with the document."""
 
     model_config = ConfigDict(extra="allow")
 
-    id: str | int = Field(alias="_id", description="Unique document id; an existing id is replaced.")
-    title: str = ""
-    text: str
-    product_id: str | int | None = None
+    id: Identifier = Field(alias="_id", description="Unique document id (a string); an existing id is replaced.")
+    title: StrictStr = ""
+    text: StrictStr
+    product_id: Identifier | None = None
 
     def to_document(self) -> Document:
         return Document.from_json(self.model_dump(by_alias=True))
+
+    @property
+    def size(self) -> int:
+        """Characters the document stores: text, title, product id and every extra field (as JSON)."""
+        extra = json.dumps(self.model_extra, ensure_ascii=False) if self.model_extra else ""
+        return len(self.text) + len(self.title) + len(self.product_id or "") + len(extra)
 
 
 class DocumentOut(BaseModel):

@@ -23,9 +23,9 @@ def _documents(body: UpsertRequest, serve: ServeConfig) -> list[Document]:
         except ValueError as error:
             problem = str(error)
         else:
-            if len(doc.text) > serve.max_document_chars:
-                problem = f"`text` is {len(doc.text)} characters; the limit is {serve.max_document_chars} " \
-                          f"(serve.max_document_chars)"
+            if row.size > serve.max_document_chars:
+                problem = f"the document holds {row.size} characters (text, title and other fields together); " \
+                          f"the limit is {serve.max_document_chars} (serve.max_document_chars)"
             elif doc.id in seen:
                 problem = f"id {doc.id!r} appears twice in the batch"
             seen.add(doc.id)
