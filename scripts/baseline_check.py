@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bsharedrag.baselines import BM25Retriever, EncoderRetriever, build_run
+from bsharedrag.model.baselines import BM25Retriever, EncoderRetriever, build_run
 from bsharedrag.data import load_dataset
 from bsharedrag.metrics import RETRIEVAL_METRICS, markdown_table, retrieval_metrics
 

@@ -4,7 +4,7 @@
 
 Runs a ~300-token RAG prompt built from ePQA passages, with no adapter and with an untrained LoRA
 `generator`, under fp32 and under the backbone's bf16 autocast for the prompt. Two reference
-loops show what the choices in `bsharedrag.generate` buy: transformers' own cached forward, and
+loops show what the choices in `bsharedrag.model.generate` buy: transformers' own cached forward, and
 decoding every token under bf16 autocast. EOS is ignored so every run makes the same number of tokens.
 
 The memory-bandwidth bound is probed right before each row, because it moves with the other tenants
@@ -23,11 +23,11 @@ import time
 
 import torch
 
-from bsharedrag import generate as generation
-from bsharedrag.backbone import SharedBackbone
+from bsharedrag.model import generate as generation
+from bsharedrag.model.backbone import SharedBackbone
 from bsharedrag.config import BackboneConfig, GeneratorConfig, LoraSettings
 from bsharedrag.data import load_dataset
-from bsharedrag.prompt import build_prompt
+from bsharedrag.model.prompt import build_prompt
 
 
 def _prompt(backbone: SharedBackbone, target_tokens: int) -> list[int]:

@@ -18,39 +18,36 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 QUESTION = "Frigidaire 240337103 Crisper Pan for Refrigerator: will this fit a kenmore refrigerator?"
 
 
 def child(mode: str, run: str) -> dict:
-    from bsharedrag.backbone import SharedBackbone
-    from bsharedrag.config import load_config
     from bsharedrag.efficiency import peak_rss_mib, time_answer
-    from bsharedrag.index import VectorIndex
-    from bsharedrag.pipeline import Pipeline
+    from bsharedrag.model.backbone import SharedBackbone
+    from bsharedrag.model.encoder import DenseRetriever, Encoder
     from bsharedrag.rag import RAG, load_rag
-    from bsharedrag.retriever import DenseRetriever, Encoder
+    from bsharedrag.run import Run
 
-    config = load_config(Path(run) / "config.yaml", [f"run_dir={run}"])
-    pipeline = Pipeline(config)
+    run_folder = Run.open(run)
+    config = run_folder.config
     if mode == "backbone":  # the bare backbone answering over given passages: every weight is touched
-        rag = RAG(pipeline.backbone(), None, config.generator, adapter=None)
+        rag = RAG(run_folder.backbone(), None, config.generator, adapter=None)
         rag.ask(QUESTION, passages=[], max_new_tokens=8)
         return {"peak_rss_mib": round(peak_rss_mib(), 1)}
     if mode == "shared":
-        rag = load_rag(config)
+        rag = load_rag(run_folder)
     elif mode == "bare":  # the same work with no adapter: what the adapters add is all that differs
-        backbone = pipeline.backbone()
-        index = VectorIndex.open(pipeline.folder("index"))
+        backbone = run_folder.backbone()
+        index = run_folder.index()
         rag = RAG(backbone, DenseRetriever(Encoder(backbone, config.retriever, adapter=None), index),
                   config.generator, adapter=None)
     else:  # two copies: the retriever's backbone and the generator's backbone share nothing
-        retriever_backbone = SharedBackbone.load(config.backbone, pipeline.backbone_path())
-        retriever_backbone.load_adapter("retriever", pipeline.folder("retriever"))
-        generator_backbone = SharedBackbone.load(config.backbone, pipeline.backbone_path())
-        generator_backbone.load_adapter("generator", pipeline.folder("generator"))
-        index = VectorIndex.open(pipeline.folder("index"))
+        retriever_backbone = SharedBackbone.load(config.backbone, run_folder.backbone_path())
+        retriever_backbone.load_adapter("retriever", run_folder.stage_folder("retriever"))
+        generator_backbone = SharedBackbone.load(config.backbone, run_folder.backbone_path())
+        generator_backbone.load_adapter("generator", run_folder.stage_folder("generator"))
+        index = run_folder.index()
         encoder = Encoder(retriever_backbone, config.retriever)
         rag = RAG(generator_backbone, DenseRetriever(encoder, index), config.generator)
     rag.ask(QUESTION, max_new_tokens=8)  # warm-up

@@ -85,5 +85,5 @@ def tiny_overrides(model_dir: Path, data_dir: Path, run_dir: Path) -> list[str]:
         "mine.num_negatives=2", "mine.rank_window=[0,10]",
         f"generator.datasets={json.dumps(train)}",
         "generator.batch_size=2", "generator.micro_batch_size=1", "generator.max_steps=2", "generator.lora.r=4", "generator.max_answer_len=16",
-        f"eval.data={data_dir}", "eval.split=dev", "eval.max_new_tokens=8", "eval.systems=[bsharedrag,bm25]",
+        f"index.corpus={data_dir}", f"eval.data={data_dir}", "eval.split=dev", "eval.max_new_tokens=8", "eval.systems=[bsharedrag,bm25]",
     ]

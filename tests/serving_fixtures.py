@@ -30,12 +30,12 @@ _SESSION: dict = {}
 @pytest.fixture(scope="session")
 def served_run(tiny_model_dir, tmp_path_factory) -> Path:
     """A run folder with both adapters and an index of the tiny shop corpus (24 passages)."""
-    from bsharedrag.pipeline import Pipeline
+    from bsharedrag.pipeline import run_stages
 
     if "run" not in _SESSION:
         root = tmp_path_factory.mktemp("served")
         data = write_dataset(root / "shop")
-        Pipeline(load_config(overrides=tiny_overrides(tiny_model_dir, data, root / "run"))).run(SERVE_STAGES)
+        run_stages(load_config(overrides=tiny_overrides(tiny_model_dir, data, root / "run")), SERVE_STAGES)
         _SESSION["run"] = root / "run"
     return _SESSION["run"]
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bsharedrag.baselines import BM25Retriever, EncoderRetriever, Retriever, build_run
+from bsharedrag.model.baselines import BM25Retriever, EncoderRetriever, Retriever, build_run
 from bsharedrag.data import Document, Query
 from bsharedrag.metrics import bertscore
 
@@ -29,15 +29,15 @@ CHINESE = [
 )
 def test_bm25_ranks_the_matching_document_first(corpus, question, expected):
     hits = BM25Retriever(corpus).search([question], top_k=2)[0]
-    assert hits[0][0] == expected
-    assert hits[0][1] > hits[1][1]
+    assert hits[0].doc.id == expected
+    assert hits[0].score > hits[1].score
 
 
 def test_bm25_top_k_guards():
     retriever = BM25Retriever(ENGLISH)
     assert isinstance(retriever, Retriever)
     assert [len(hits) for hits in retriever.search(["hose", "the of"], top_k=50)] == [4, 4]
-    assert retriever.search(["the of"], top_k=2)[0][0][1] == 0.0  # stopwords only: nothing matches
+    assert retriever.search(["the of"], top_k=2)[0][0].score == 0.0  # stopwords only: nothing matches
     assert retriever.search([], top_k=3) == []
     with pytest.raises(ValueError, match="got 0"):
         retriever.search(["hose"], top_k=0)
@@ -56,9 +56,9 @@ def test_encoder_ranks_the_paraphrase_first(encoder):
     assert isinstance(encoder, Retriever)
     hits = encoder.search(["Can I get the door catch of my dish washer in white?", "watering the lawn"], top_k=10)
     assert [len(row) for row in hits] == [4, 4]
-    assert hits[0][0][0] == "d2"
-    assert hits[1][0][0] == "d3"
-    scores = [score for _, score in hits[0]]
+    assert hits[0][0].doc.id == "d2"
+    assert hits[1][0].doc.id == "d3"
+    scores = [hit.score for hit in hits[0]]
     assert scores == sorted(scores, reverse=True)
     run = build_run(encoder, [Query("q", "dish washer door catch", "door catch")], top_k=1)
     assert run == {"q": ["d2"]}

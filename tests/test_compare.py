@@ -39,10 +39,11 @@ def test_system_config_applies_overrides_in_its_own_folder(tmp_path):
 
 
 def test_retrieval_loss_weight_scales_the_gradient(tiny_model_dir):
-    from bsharedrag.backbone import SharedBackbone
+    from bsharedrag.model.backbone import SharedBackbone
     from bsharedrag.config import BackboneConfig
     from bsharedrag.data import Document
-    from bsharedrag.retriever import Encoder, TrainingExample, contrastive_step
+    from bsharedrag.model.encoder import Encoder
+    from bsharedrag.train.retriever import TrainingExample, contrastive_step
 
     backbone = SharedBackbone.load(BackboneConfig(model=str(tiny_model_dir), precision="fp32"))
     backbone.add_adapter("retriever", LoraSettings(r=4, alpha=8))

@@ -50,3 +50,13 @@ def test_the_cli_reports_malformed_yaml_as_an_error_line(tmp_path):
     result = CliRunner().invoke(app, ["eval", "--config", str(path), "--run", str(tmp_path / "run")])
     assert result.exit_code == 1 and "error:" in result.output and f"{path}:" in result.output
     assert "Traceback" not in result.output
+
+
+def test_reports_name_the_embedded_datasets_portably(tmp_path, monkeypatch):
+    from bsharedrag.config import _PACKAGE_DATA, portable_path
+
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(_PACKAGE_DATA / "epqa") == "DATASETS/epqa"
+    assert portable_path("/elsewhere/src/bsharedrag/datasets/hetpqa") == "DATASETS/hetpqa"  # another machine's checkout
+    assert portable_path(tmp_path / "shop") == "shop"
+    assert portable_path("/data/shop") == "/data/shop"

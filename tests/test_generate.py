@@ -2,9 +2,9 @@ import pytest
 import torch
 from tiny import tiny_backbone, tiny_tokenizer
 
-from bsharedrag import generate as generation
+from bsharedrag.model import generate as generation
 from bsharedrag.config import LoraSettings
-from bsharedrag.generate import IncrementalDecoder, generate, stream_tokens
+from bsharedrag.model.generate import IncrementalDecoder, generate, stream_tokens
 
 PROMPT = list(range(100, 140))
 

@@ -7,7 +7,7 @@ from tiny import FakeRetriever, make_doc, tiny_backbone
 
 from bsharedrag.config import GeneratorConfig, LoraSettings
 from bsharedrag.data import Dataset, Query
-from bsharedrag.generator import (
+from bsharedrag.train.generator import (
     IGNORE_INDEX,
     MAX_ANSWERS_PER_QUERY,
     Triple,
@@ -18,7 +18,7 @@ from bsharedrag.generator import (
     encode_triple,
     train_generator,
 )
-from bsharedrag.prompt import turn_end_id
+from bsharedrag.model.prompt import turn_end_id
 
 DOCS = [make_doc(n) for n in range(1, 7)]
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from bsharedrag.data import Document
-from bsharedrag.index import IndexMismatchError, VectorIndex
+from bsharedrag.model.index import IndexMismatchError, VectorIndex
 
 
 def _unit(rows):

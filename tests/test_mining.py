@@ -2,7 +2,7 @@ import numpy as np
 
 from bsharedrag.config import MineConfig
 from bsharedrag.data import load_dataset
-from bsharedrag.mining import mine_negatives
+from bsharedrag.train.mining import mine_negatives
 
 
 def _scores_favouring(dataset, favoured: str):
@@ -17,7 +17,7 @@ def _scores_favouring(dataset, favoured: str):
 
 
 def test_mining_never_returns_a_positive(tiny_dataset):
-    from bsharedrag.baselines import BM25Retriever
+    from bsharedrag.model.baselines import BM25Retriever
 
     dataset = load_dataset(tiny_dataset, "train")
     settings = MineConfig(num_negatives=5, rank_window=(0, 20), false_negative_margin=1.0)

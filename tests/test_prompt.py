@@ -2,7 +2,7 @@ import pytest
 from tiny import make_doc, tiny_tokenizer
 
 from bsharedrag.config import GeneratorConfig
-from bsharedrag.prompt import (
+from bsharedrag.model.prompt import (
     build_prompt,
     citation_marker,
     encode_answer,

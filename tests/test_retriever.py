@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from bsharedrag.config import RetrieverConfig
-from bsharedrag.retriever import Encoder, info_nce, last_token_pool
+from bsharedrag.model.encoder import Encoder, last_token_pool
+from bsharedrag.train.retriever import info_nce
 from tiny import tiny_backbone
 
 
@@ -65,7 +66,7 @@ def test_grad_cache_gives_the_same_gradients_as_one_pass():
     import random
 
     from bsharedrag.data import Document
-    from bsharedrag.retriever import TrainingExample, contrastive_step
+    from bsharedrag.train.retriever import TrainingExample, contrastive_step
 
     docs = [Document(f"d{i}", f"Product {i}", f"fact {i} " * (i + 1)) for i in range(8)]
     batch = [TrainingExample(f"question {i}", (docs[i],), (docs[(i + 1) % 8],)) for i in range(4)]

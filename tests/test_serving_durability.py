@@ -13,7 +13,7 @@ from serving_fixtures import AUTH, free_port, served_run, start_server, wait_hea
 from typer.testing import CliRunner
 
 from bsharedrag.cli import app as cli
-from bsharedrag.index import VectorIndex
+from bsharedrag.model.index import VectorIndex
 
 BIG = 1500  # documents in the batch that is killed mid-way
 

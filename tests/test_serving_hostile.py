@@ -159,7 +159,7 @@ def test_searches_run_between_the_slices_of_an_upsert(served_rag):
         return [len(items)] * len(items)
 
     def upsert():
-        for embedded in upsert_steps(served_rag, docs, slice_documents=1):
+        for embedded in upsert_steps(served_rag.retriever, docs, slice_documents=1):
             order.append(f"embedded {embedded}")
             yield embedded
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from bsharedrag.backbone import SharedBackbone
+from bsharedrag.model.backbone import SharedBackbone
 from bsharedrag.data import Document
-from bsharedrag.index import Hit
+from bsharedrag.model.index import Hit
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"  # SmolLM2-135M-Instruct's tokenizer (Apache-2.0)
 

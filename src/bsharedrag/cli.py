@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+
+from .pipeline import STAGES, stage_names
 
 app = typer.Typer(help="Backbone-shared RAG: one language model, a retriever adapter and a generator adapter.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -26,75 +30,71 @@ def _setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _config(config: Path | None, overrides: list[str] | None, run: Path | None = None):
+def _run(config: Path | None, overrides: list[str] | None, run: Path | None = None):
+    """The run that the options name: a run folder remembers the settings it was made with."""
     from .config import load_config
+    from .run import Run
 
-    layered_file = config
-    if config is None and run is not None and (run / "config.yaml").exists():
-        layered_file = run / "config.yaml"  # a run folder remembers the settings it was made with
-    fields = {"run_dir": str(run)} if run is not None else {}
-    return load_config(layered_file, overrides, **fields)
-
-
-def _fail(error: Exception) -> None:
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
+    if config is None and run is not None:
+        return Run.open(run, overrides)
+    return Run(load_config(config, overrides, **({"run_dir": str(run)} if run is not None else {})))
 
 
-def _stages(stages: tuple[str, ...], config, overrides, run, force) -> None:
-    from .pipeline import Pipeline
+_USER_ERRORS = (FileNotFoundError, ValueError, KeyError, RuntimeError)
+
+
+def _reports_errors(command):
+    """A command whose expected failures (bad input, missing artefacts) end in one `error:` line, not a traceback."""
+
+    @functools.wraps(command)
+    def reporting(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise  # typer's own exit (a RuntimeError too)
+        except _USER_ERRORS as error:
+            typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+
+    return reporting
+
+
+def _build(stages: tuple[str, ...], config, overrides, run, force) -> None:
+    from .pipeline import run_stages
 
     _setup_logging()
-    try:
-        pipeline = Pipeline(_config(config, overrides, run))
-        for stage, manifest in pipeline.run(stages, force).items():
-            typer.echo(f"{stage}: {pipeline.folder(stage)} {manifest.get('stats', {})}")
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
-        _fail(error)
+    built = _run(config, overrides, run)
+    for stage, manifest in run_stages(built, stages, force).items():
+        typer.echo(f"{stage}: {built.stage_folder(stage)} {manifest.get('stats', {})}")
 
 
 @app.command()
+@_reports_errors
 def run(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None, force: ForceOption = False):
     """Run every stage in order: pretrain, mine, train-retriever, index, train-generator, eval."""
-    from .pipeline import STAGES
-
-    _stages(STAGES, config, set_, run, force)
-    _print_tables(_config(config, set_, run).run_dir / "eval" / "results.json")
+    _build(stage_names(), config, set_, run, force)
+    _print_tables(_run(config, set_, run).eval_results())
 
 
-@app.command()
-def pretrain(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None, force: ForceOption = False):
-    """Stage 1: continual pre-training of the backbone on the domain corpus."""
-    _stages(("pretrain",), config, set_, run, force)
+def _stage_command(position: int):
+    """The command of the stage at `position` of the stage table: it builds that stage and any before it."""
+    stage = STAGES[position]
+
+    @_reports_errors
+    def build(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None, force: ForceOption = False):
+        _build(stage_names()[: position + 1], config, set_, run, force)
+
+    build.__doc__ = stage.summary
+    return build
 
 
-@app.command()
-def mine(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None, force: ForceOption = False):
-    """Stage 2: mine hard negatives for the retriever's training queries."""
-    _stages(("pretrain", "mine"), config, set_, run, force)
-
-
-@app.command("train-retriever")
-def train_retriever(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None,
-                    force: ForceOption = False):
-    """Stage 3: train the retriever adapter (InfoNCE with in-batch and hard negatives)."""
-    _stages(("pretrain", "mine", "retriever"), config, set_, run, force)
+for _position, _stage in enumerate(STAGES):
+    if _stage.name != "eval":  # `eval` evaluates any dataset split (below); `run` builds the eval stage
+        app.command(_stage.command or _stage.name)(_stage_command(_position))
 
 
 @app.command()
-def index(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None, force: ForceOption = False):
-    """Embed the corpus with the retriever adapter into the run's FAISS index."""
-    _stages(("pretrain", "mine", "retriever", "index"), config, set_, run, force)
-
-
-@app.command("train-generator")
-def train_generator(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None,
-                    force: ForceOption = False):
-    """Stage 4: train the generator adapter on retrieved passages (loss on answer tokens only)."""
-    _stages(("pretrain", "mine", "retriever", "index", "generator"), config, set_, run, force)
-
-
-@app.command()
+@_reports_errors
 def search(question: str, top_k: Annotated[int, typer.Option("--top-k", "-k")] = 5,
            product_id: Annotated[str | None, typer.Option(help="Only this product's passages.")] = None,
            run: RunOption = None, config: ConfigOption = None, set_: SetOption = None):
@@ -104,11 +104,8 @@ def search(question: str, top_k: Annotated[int, typer.Option("--top-k", "-k")] =
 
     from .rag import load_rag
 
-    try:
-        rag = load_rag(_config(config, set_, run), with_generator=False)
-        hits = rag.search(question, top_k=top_k, product_id=product_id)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
-        _fail(error)
+    rag = load_rag(_run(config, set_, run), with_generator=False)
+    hits = rag.search(question, top_k=top_k, product_id=product_id)
     table = Table("rank", "score", "id", "passage")
     for rank, hit in enumerate(hits, 1):
         table.add_row(str(rank), f"{hit.score:.4f}", hit.doc.id, hit.doc.content[:200])
@@ -116,6 +113,7 @@ def search(question: str, top_k: Annotated[int, typer.Option("--top-k", "-k")] =
 
 
 @app.command()
+@_reports_errors
 def ask(question: str, top_k: Annotated[int | None, typer.Option("--top-k", "-k")] = None,
         product_id: Annotated[str | None, typer.Option(help="Only this product's passages.")] = None,
         max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
@@ -123,16 +121,13 @@ def ask(question: str, top_k: Annotated[int | None, typer.Option("--top-k", "-k"
     """Answer a question from retrieved passages, streamed, with the cited passages listed."""
     from .rag import Answer, load_rag
 
-    try:
-        rag = load_rag(_config(config, set_, run))
-        answer = None
-        for chunk in rag.stream(question, top_k=top_k, product_id=product_id, max_new_tokens=max_new_tokens):
-            if isinstance(chunk, Answer):
-                answer = chunk
-            else:
-                typer.echo(chunk, nl=False)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
-        _fail(error)
+    rag = load_rag(_run(config, set_, run))
+    answer = None
+    for chunk in rag.stream(question, top_k=top_k, product_id=product_id, max_new_tokens=max_new_tokens):
+        if isinstance(chunk, Answer):
+            answer = chunk
+        else:
+            typer.echo(chunk, nl=False)
     typer.echo("\n")
     cited = {c.doc_id for c in answer.citations}
     for number, hit in enumerate(answer.passages, 1):
@@ -141,6 +136,7 @@ def ask(question: str, top_k: Annotated[int | None, typer.Option("--top-k", "-k"
 
 
 @app.command("eval")
+@_reports_errors
 def eval_(run: RunOption = None,
           data: Annotated[Path | None, typer.Option(help="BEIR-style dataset folder (default: config's eval.data).")] = None,
           split: Annotated[str | None, typer.Option(help="qrels split (default: config's eval.split).")] = None,
@@ -148,19 +144,17 @@ def eval_(run: RunOption = None,
           config: ConfigOption = None, set_: SetOption = None):
     """Evaluate retrieval (and generation) of the run and the baselines on a dataset split."""
     from .evaluate import evaluate
-    from .pipeline import Pipeline
 
     _setup_logging()
-    try:
-        cfg = _config(config, set_, run)
-        output = output or cfg.run_dir / "eval" / f"results-{(data or cfg.eval.data).name}-{split or cfg.eval.split}.json"
-        evaluate(Pipeline(cfg), data or cfg.eval.data, split or cfg.eval.split, output)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
-        _fail(error)
+    evaluated = _run(config, set_, run)
+    settings = evaluated.config.eval
+    output = output or evaluated.eval_results(data or settings.data, split or settings.split)
+    evaluate(evaluated, data or settings.data, split or settings.split, output)
     _print_tables(output)
 
 
 @app.command("compare")
+@_reports_errors
 def compare_(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None,
              report: Annotated[bool, typer.Option(help="Also write RUN/report/report.md.")] = True):
     """Train what is missing and evaluate every system of `compare.systems` on the same splits."""
@@ -171,25 +165,22 @@ def compare_(config: ConfigOption = None, set_: SetOption = None, run: RunOption
     from .report import write_report
 
     _setup_logging()
-    try:
-        cfg = _config(config, set_, run)
-        results = compare(cfg, command=" ".join(["bsharedrag", *map(shlex.quote, sys.argv[1:])]))
-        if report:
-            typer.echo(f"report: {write_report(results, Path(cfg.run_dir) / 'report')}")
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
-        _fail(error)
+    compared = _run(config, set_, run)
+    results = compare(compared.config, command=" ".join(["bsharedrag", *map(shlex.quote, sys.argv[1:])]))
+    if report:
+        typer.echo(f"report: {write_report(results, compared.report_folder)}")
 
 
 @app.command("report")
+@_reports_errors
 def report_(run: Annotated[Path, typer.Argument(help="A run folder that `bsharedrag compare` wrote.")],
             output: Annotated[Path | None, typer.Option(help="Report folder (default: RUN/report).")] = None):
     """Write a Markdown report with tables and PNG plots from RUN/compare.json."""
     from .report import load_results, write_report
+    from .run import Run
 
-    try:
-        path = write_report(load_results(run / "compare.json"), output or run / "report")
-    except (FileNotFoundError, ValueError) as error:
-        _fail(error)
+    compared = Run.open(run)
+    path = write_report(load_results(compared.compare_results), output or compared.report_folder)
     typer.echo(f"report: {path}")
 
 
@@ -224,16 +215,14 @@ PortOption = Annotated[int | None, typer.Option(help="Port to listen on (default
 
 
 @app.command()
+@_reports_errors
 def serve(run: RunOption = None, host: HostOption = None, port: PortOption = None,
           config: ConfigOption = None, set_: SetOption = None):
     """Serve a finished run over HTTP: search, answers, OpenAI-compatible API, catalogue updates, web page."""
     from .serving import serve as serve_run
 
     _setup_logging()
-    try:
-        serve_run(_config(config, set_, run), host, port)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
-        _fail(error)
+    serve_run(_run(config, set_, run), host, port)
 
 
 docs_app = typer.Typer(help="Update a run's catalogue (its index) without rebuilding it.", no_args_is_help=True)
@@ -241,44 +230,39 @@ app.add_typer(docs_app, name="docs")
 
 
 @docs_app.command("add")
+@_reports_errors
 def docs_add(file: Annotated[Path, typer.Argument(help="A corpus.jsonl file: _id, title, text, product_id, ...")],
              run: RunOption = None, config: ConfigOption = None, set_: SetOption = None):
     """Insert or replace the documents of a JSONL file, embedded with the retriever adapter (all or none)."""
-    from .rag import load_rag
     from .serving import read_documents, serving_lock, upsert_documents
 
-    try:
-        cfg = _config(config, set_, run)
-        docs = read_documents(file)
-        with serving_lock(Path(cfg.run_dir) / "index", holder="`bsharedrag docs add`"):
-            rag = load_rag(cfg, with_generator=False)
-            count = upsert_documents(rag, docs, cfg.index.batch_tokens)
-            rag.retriever.index.save()
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
-        _fail(error)
-    typer.echo(f"upserted {count} documents; the index holds {len(rag.retriever.index)}")
+    catalogue = _run(config, set_, run)
+    docs = read_documents(file)
+    with serving_lock(catalogue.index_folder, holder="`bsharedrag docs add`"):
+        retriever = catalogue.retriever()  # the encoder and the index; no generator
+        count = upsert_documents(retriever, docs, catalogue.config.index.batch_tokens)
+        retriever.index.save()
+    typer.echo(f"upserted {count} documents; the index holds {len(retriever.index)}")
 
 
 @docs_app.command("rm")
+@_reports_errors
 def docs_rm(ids: Annotated[list[str] | None, typer.Argument(help="Ids of the documents to remove.")] = None,
             ids_file: Annotated[Path | None, typer.Option(
                 "--ids-file", help="Also remove the ids listed in this file, one per line (`-`: standard input).")] = None,
             run: RunOption = None, config: ConfigOption = None, set_: SetOption = None):
     """Remove documents by id (one transaction)."""
-    from .index import VectorIndex
+    from .model.index import VectorIndex
     from .serving import delete_documents, read_document_ids, serving_lock
 
-    try:
-        ids = list(ids or []) + (read_document_ids(ids_file) if ids_file is not None else [])
-        if not ids:
-            raise ValueError("name the ids to remove as arguments or in a file with --ids-file")
-        folder = Path(_config(config, set_, run).run_dir) / "index"
-        with serving_lock(folder, holder="`bsharedrag docs rm`"):
-            index = VectorIndex.open(folder)
-            missing = delete_documents(index, ids)
-            index.save()
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
-        _fail(error)
+    ids = list(ids or []) + (read_document_ids(ids_file) if ids_file is not None else [])
+    if not ids:
+        raise ValueError("name the ids to remove as arguments or in a file with --ids-file")
+    folder = _run(config, set_, run).index_folder
+    with serving_lock(folder, holder="`bsharedrag docs rm`"):
+        index = VectorIndex.open(folder)
+        missing = delete_documents(index, ids)
+        index.save()
     if missing:
         typer.secho(f"not in the index: {', '.join(missing)}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"removed {len(set(ids) - set(missing))} documents; the index holds {len(index)}")

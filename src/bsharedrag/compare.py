@@ -28,9 +28,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artefacts import Artefact, file_hash
 from .config import Config, CompareConfig, deep_merge, fingerprint
-from .pipeline import STAGES, Pipeline, dataset_id
+from .files import file_hash, write_text_atomic
+from .pipeline import run_stages, stage_names
+from .run import Artefact, Run, dataset_id
 
 __all__ = ["System", "compare", "system_config", "systems"]
 
@@ -108,7 +109,7 @@ def systems(settings: CompareConfig) -> list[System]:
 
 def system_config(config: Config, system: System) -> Config:
     base = json.loads(config.model_dump_json())
-    merged = deep_merge(base, {**system.overrides, "run_dir": str(Path(config.run_dir) / "systems" / system.name)})
+    merged = deep_merge(base, {**system.overrides, "run_dir": str(Run(config).system_folder(system.name))})
     return Config.model_validate(merged)
 
 
@@ -158,57 +159,57 @@ def _system_key(config: Config, system: System, datasets: list) -> str:
     return fingerprint(_content_named([settings, evaluated]), system.top_k, knobs)
 
 
-def _upstream_ids(pipeline: Pipeline) -> dict:
-    return {stage: pipeline.manifest(stage)["id"] for stage in ("pretrain", "retriever", "index", "generator")}
+def _upstream_ids(run: Run) -> dict:
+    return run.ids("pretrain", "retriever", "index", "generator")
 
 
-def _evaluation(pipeline: Pipeline, system: System, name: str, data: Path, split: str,
+def _evaluation(run: Run, system: System, name: str, data: Path, split: str,
                 max_queries: int | None, baselines: bool) -> dict:
     """The system's evaluation on one dataset split (with the baselines when asked), cached as an artefact."""
     from .evaluate import evaluate
 
-    eval_settings = pipeline.config.eval.model_copy(update={
+    eval_settings = run.config.eval.model_copy(update={
         "systems": ["bsharedrag", "bm25", "encoder"] if baselines else ["bsharedrag"],
         "generation_systems": ["bsharedrag", "zero_shot"] if baselines else ["bsharedrag"],
     })
     settings = {**json.loads(eval_settings.model_dump_json(exclude={"data", "split"})),
                 "top_k": system.top_k, "max_queries": max_queries}
-    inputs = {**_upstream_ids(pipeline), "data": [str(data), split, dataset_id(data, split)]}
-    artefact = Artefact(pipeline.run_dir / "compare" / name, settings, inputs)
+    inputs = {**_upstream_ids(run), "data": [str(data), split, dataset_id(data, split)]}
+    artefact = Artefact(run.compare_folder(name), settings, inputs)
     if artefact.is_fresh():
-        return json.loads((artefact.folder / "results.json").read_text())
+        return json.loads(artefact.results_file.read_text())
     log.info("compare: evaluating %s on %s", system.name, name)
     artefact.start()
-    results = evaluate(pipeline.with_eval(eval_settings), data, split, artefact.folder / "results.json",
+    results = evaluate(run.with_eval(eval_settings), data, split, artefact.results_file,
                        system.top_k, max_queries)
     artefact.finish({"queries": results["queries"]})
     return results
 
 
-def _efficiency(pipeline: Pipeline, settings: CompareConfig) -> dict:
+def _efficiency(run: Run, settings: CompareConfig) -> dict:
     from .efficiency import measure_in_subprocess
 
     knobs = {"queries": settings.efficiency_queries, "answers": settings.efficiency_answers}
-    artefact = Artefact(pipeline.run_dir / "compare" / "efficiency", knobs, _upstream_ids(pipeline))
+    artefact = Artefact(run.compare_folder("efficiency"), knobs, _upstream_ids(run))
     if not artefact.is_fresh():
-        log.info("compare: timing %s", pipeline.run_dir)
+        log.info("compare: timing %s", run.folder)
         artefact.start()
-        measured = measure_in_subprocess(pipeline.run_dir, **knobs)
-        (artefact.folder / "results.json").write_text(json.dumps(measured, indent=2))
+        measured = measure_in_subprocess(run.folder, **knobs)
+        artefact.results_file.write_text(json.dumps(measured, indent=2))
         artefact.finish({})
-    return json.loads((artefact.folder / "results.json").read_text())
+    return json.loads(artefact.results_file.read_text())
 
 
 def compare(config: Config, command: str = "bsharedrag compare") -> dict:
     """Build, evaluate and time every system; returns (and writes to RUN/compare.json) the results."""
-    root = Path(config.run_dir)
+    root = Run(config)
     chosen = systems(config.compare)
-    folders = {s.name: root / "systems" / s.name for s in chosen}
+    folders = {s.name: root.system_folder(s.name) for s in chosen}
     datasets = [(f"{Path(config.eval.data).name}-{config.eval.split}", Path(config.eval.data), config.eval.split, None)]
     datasets += [(f"{Path(ref.path).name}-{ref.split}", Path(ref.path), ref.split, ref.max_queries)
                  for ref in config.compare.generalisation]
     started = time.time()
-    previous = json.loads((root / "compare.json").read_text()) if (root / "compare.json").exists() else {}
+    previous = json.loads(root.compare_results.read_text()) if root.compare_results.exists() else {}
     results: dict = {
         "command": command,
         "machine": _machine(),
@@ -222,7 +223,7 @@ def compare(config: Config, command: str = "bsharedrag compare") -> dict:
     for system in chosen:
         with_baselines = system.overrides == {} and system.top_k is None  # bsharedrag carries the baselines
         if system.name in recorded:
-            log.info("compare: %s is in %s with the same settings (%s); kept", system.name, root / "compare.json",
+            log.info("compare: %s is in %s with the same settings (%s); kept", system.name, root.compare_results,
                      recorded[system.name].get("date"))
             results["systems"][system.name] = recorded[system.name]
             if with_baselines:
@@ -230,13 +231,13 @@ def compare(config: Config, command: str = "bsharedrag compare") -> dict:
             continue
         key = _system_key(config, system, datasets)
         others = [folder for name, folder in folders.items() if name != system.name] + list(config.compare.reuse)
-        pipeline = Pipeline(system_config(config, system), reuse=others)
-        pipeline.run(STAGES[:-1])  # every stage but the run's own eval: compare evaluates below
+        run = Run(system_config(config, system), reuse=others)
+        run_stages(run, stage_names()[:-1])  # every stage but the run's own eval: compare evaluates below
         entry = {"group": system.group, "description": system.description, "lambda": system.weight,
                  "key": key, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": results["machine"], "eval": {}}
         results["systems"][system.name] = entry
         for name, data, split, max_queries in datasets:
-            evaluated = _evaluation(pipeline, system, name, data, split, max_queries, with_baselines)
+            evaluated = _evaluation(run, system, name, data, split, max_queries, with_baselines)
             results["datasets"][name] = {"data": str(data), "split": split, "queries": evaluated["queries"],
                                          "generation_queries": evaluated.get("generation_queries")}
             entry["eval"][name] = {section: evaluated[section]["bsharedrag"]
@@ -248,12 +249,12 @@ def compare(config: Config, command: str = "bsharedrag compare") -> dict:
                     slot["eval"][name] = {section: evaluated[section][baseline] for section in ("retrieval", "generation")
                                           if baseline in evaluated.get(section, {})}
         if system.measures_efficiency:
-            entry["efficiency"] = _efficiency(pipeline, config.compare)
+            entry["efficiency"] = _efficiency(run, config.compare)
         results["seconds"] = round(time.time() - started, 1)
-        _write(root / "compare.json", results, recorded)  # after every system: a stopped compare still reports
-        del pipeline
+        _write(root.compare_results, results, recorded)  # after every system: a stopped compare still reports
+        del run
         gc.collect()  # the next system loads its own backbone; free this one's first
-    return _write(root / "compare.json", results, recorded)
+    return _write(root.compare_results, results, recorded)
 
 
 def _recorded(earlier: dict, config: Config, datasets: list) -> dict:
@@ -281,6 +282,5 @@ def _write(path: Path, results: dict, recorded: dict) -> dict:
     results = {**results, "systems": {**results["systems"], **{
         name: entry for name, entry in recorded.items() if name not in results["systems"]}}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(results, indent=2, ensure_ascii=False))
-    path.with_suffix(".tmp").replace(path)
+    write_text_atomic(path, json.dumps(results, indent=2, ensure_ascii=False))
     return results

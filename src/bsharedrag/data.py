@@ -60,17 +60,21 @@ class Query:
     answers: tuple[str, ...] = ()
 
 
-def _malformed(path: Path, number: int, error: Exception, strict: bool, skipped: list[str] | None) -> None:
+_STRICT_ADVICE = "fix it, or set strict_data: false to skip it"
+
+
+def _malformed(path: Path, number: int, error: Exception, strict: bool, skipped: list[str] | None,
+               advice: str = _STRICT_ADVICE) -> None:
     """A malformed line: an error when `strict`, else logged and noted in `skipped` (`file:line: why`)."""
     if strict:
-        raise DataError(f"{path}:{number}: malformed line ({error}); fix it, or set strict_data: false to skip it")
+        raise DataError(f"{path}:{number}: malformed line ({error}); {advice}")
     log.warning("%s:%d: malformed line skipped (%s)", path, number, error)
     if skipped is not None:
         skipped.append(f"{path}:{number}: {error}")
 
 
-def _read_jsonl(path: Path, parse, strict: bool, skipped: list[str] | None = None) -> list:
-    """Parse each line with `parse`; a bad line is logged with file:line (or raised when strict)."""
+def _read_jsonl(path: Path, parse, strict: bool, skipped: list[str] | None = None, advice: str = _STRICT_ADVICE) -> list:
+    """Parse each line with `parse`; a bad line is logged with file:line (or raised when strict, with `advice`)."""
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     items, bad = [], 0
@@ -81,15 +85,24 @@ def _read_jsonl(path: Path, parse, strict: bool, skipped: list[str] | None = Non
             try:
                 items.append(parse(json.loads(line)))
             except (json.JSONDecodeError, ValueError, TypeError) as error:
-                _malformed(path, number, error, strict, skipped)
+                _malformed(path, number, error, strict, skipped, advice)
                 bad += 1
     if bad:
         log.warning("%s: %d malformed line(s) skipped, %d read", path, bad, len(items))
     return items
 
 
-def read_corpus(path: Path, strict: bool = False, skipped: list[str] | None = None) -> list[Document]:
-    return _read_jsonl(Path(path), Document.from_json, strict, skipped)
+def read_corpus(path: Path, strict: bool = False, skipped: list[str] | None = None, check=None,
+                advice: str = _STRICT_ADVICE) -> list[Document]:
+    """The documents of a corpus.jsonl file; `check(doc)` may refuse one with a ValueError, as a malformed line."""
+
+    def parse(row) -> Document:
+        doc = Document.from_json(row)
+        if check is not None:
+            check(doc)
+        return doc
+
+    return _read_jsonl(Path(path), parse, strict, skipped, advice)
 
 
 def _query(row: dict) -> Query:

@@ -11,28 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .memory import peak_rss_mib
+
 __all__ = ["measure", "measure_in_subprocess", "peak_rss_mib", "time_answer"]
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory in MiB.
-
-    Linux's VmHWM belongs to the process's own address space. `ru_maxrss` is not used where VmHWM
-    exists: it survives `exec`, so a child started by a large parent reports the parent's peak.
-    """
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux and BSD report KiB
 
 
 def time_answer(rag, question: str, max_new_tokens: int = 64, **ask) -> dict:
@@ -61,16 +48,17 @@ def _percentile(values: list[float], q: float) -> float:
 
 def measure(run_dir: Path, queries: int = 20, answers: int = 3, max_new_tokens: int = 64) -> dict:
     """Load the run's RAG and time it on the first questions of its evaluation split."""
-    from .config import load_config
     from .data import load_dataset
     from .rag import load_rag
+    from .run import Run
 
-    config = load_config(Path(run_dir) / "config.yaml", run_dir=str(run_dir))
+    run = Run.open(run_dir)
+    config = run.config
     questions = [q.text for q in load_dataset(config.eval.data, config.eval.split).queries]
     if not questions:
         raise ValueError(f"{config.eval.data} split {config.eval.split!r} has no question to time")
     questions = (questions * (1 + queries // len(questions)))[:queries]
-    rag = load_rag(config)
+    rag = load_rag(run)
     rag.search(questions[0])  # warm-up: first-call allocations are not query latency
     latencies = []
     for question in questions:
@@ -79,7 +67,7 @@ def measure(run_dir: Path, queries: int = 20, answers: int = 3, max_new_tokens: 
         latencies.append((time.perf_counter() - started) * 1e3)
     timed = [time_answer(rag, q, max_new_tokens) for q in questions[:answers]]
     speeds = [t["tokens_per_second"] for t in timed if t["tokens_per_second"]]
-    index_stats = json.loads((Path(run_dir) / "index" / "manifest.json").read_text())["stats"]
+    index_stats = run.manifest("index")["stats"]
     return {
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "index_seconds": index_stats.get("embed_seconds"),

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .data import Dataset, load_dataset
+from .files import write_text_atomic
 from .metrics import RETRIEVAL_METRICS, generation_metrics, retrieval_metrics
 from .progress import progress
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from .run import Run
 
 __all__ = ["evaluate", "retrieval_runs"]
 
@@ -28,48 +29,50 @@ log = logging.getLogger(__name__)
 _DEPTH = 10  # the deepest cut-off among the retrieval metrics
 
 
-def retrieval_runs(pipeline: Pipeline, dataset: Dataset, systems: list[str]) -> tuple[dict, dict, dict]:
-    """system -> {query id -> ranked doc ids}; also the dense hits (for generation) and timings."""
-    from .baselines import BM25Retriever, EncoderRetriever, build_run
-    from .indexing import retriever_for
+def _retriever(run: Run, dataset: Dataset, system: str):
+    from .model.baselines import BM25Retriever, EncoderRetriever
 
+    if system == "bsharedrag":
+        return run.retriever(dataset.path)
+    if system == "bm25":
+        return BM25Retriever(dataset.corpus)
+    if system == "encoder":
+        return EncoderRetriever(dataset.corpus, run.config.eval.encoder_model)
+    raise ValueError(f"unknown retrieval system {system!r}; known: bsharedrag, bm25, encoder")
+
+
+def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict, dict, dict]:
+    """system -> {query id -> ranked doc ids}; also the BSharedRAG hits (for generation) and timings."""
     runs, timings, dense_hits = {}, {}, {}
+    questions = [q.text for q in dataset.queries]
     for system in systems:
         started = time.time()
+        hits = dict(zip([q.id for q in dataset.queries], _retriever(run, dataset, system).search(questions, _DEPTH),
+                        strict=True))
+        runs[system] = {qid: [hit.doc.id for hit in row] for qid, row in hits.items()}
         if system == "bsharedrag":
-            retriever = retriever_for(pipeline, dataset)
-            hits = retriever.search([q.text for q in dataset.queries], _DEPTH)
-            dense_hits = {q.id: row for q, row in zip(dataset.queries, hits, strict=True)}
-            runs[system] = {qid: [hit.doc.id for hit in row] for qid, row in dense_hits.items()}
-        elif system == "bm25":
-            runs[system] = build_run(BM25Retriever(dataset.corpus), dataset.queries, _DEPTH)
-        elif system == "encoder":
-            encoder = EncoderRetriever(dataset.corpus, pipeline.config.eval.encoder_model)
-            runs[system] = build_run(encoder, dataset.queries, _DEPTH)
-        else:
-            raise ValueError(f"unknown retrieval system {system!r}; known: bsharedrag, bm25, encoder")
+            dense_hits = hits
         timings[system] = round(time.time() - started, 1)
     return runs, dense_hits, timings
 
 
-def _generation(pipeline: Pipeline, dataset: Dataset, dense_hits: dict, top_k: int) -> tuple[dict, dict]:
+def _generation(run: Run, dataset: Dataset, dense_hits: dict, top_k: int) -> tuple[dict, dict]:
     from .rag import RAG
 
-    settings = pipeline.config.eval
+    settings = run.config.eval
     queries = [q for q in dataset.queries if q.answers]
     if settings.max_generation_queries is not None:
         queries = queries[: settings.max_generation_queries]
-    generator = pipeline.generator_adapter
-    pipeline.ensure_adapter(generator)
+    generator = run.adapter(run.generator_adapter)
     results, outputs = {}, {}
     for system in settings.generation_systems:
         adapter = {"bsharedrag": generator, "zero_shot": None}.get(system, "unknown")
         if adapter == "unknown":
             raise ValueError(f"unknown generation system {system!r}; known: bsharedrag, zero_shot")
-        rag = RAG(pipeline.backbone(), None, pipeline.config.generator, adapter=adapter)
+        rag = RAG(run.backbone(), None, run.config.generator, adapter=adapter)
         predictions, citations = {}, {}
         for query in progress(queries, desc=f"generate ({system})"):
-            passages = dense_hits[query.id][:top_k] if pipeline.config.generator.with_passages else []
+            passages = dense_hits[query.id][:top_k] if run.config.generator.with_passages else []
             answer = rag.ask(query.text, passages=passages,
                              max_new_tokens=settings.max_new_tokens)
             predictions[query.id] = answer.text
@@ -83,21 +86,21 @@ def _generation(pipeline: Pipeline, dataset: Dataset, dense_hits: dict, top_k: i
     return results, outputs
 
 
-def evaluate(pipeline: Pipeline, data: Path, split: str, output: Path, top_k: int | None = None,
+def evaluate(run: Run, data: Path, split: str, output: Path, top_k: int | None = None,
              max_queries: int | None = None) -> dict:
-    """Evaluate the run in `pipeline` on `data`/`split` and write the results to `output`.
+    """Evaluate `run` on `data`/`split` and write the results to `output`.
 
     `top_k` passages go into each generation prompt (default: the generator's `top_k`);
     `max_queries` evaluates a seeded sample of the split's queries.
     """
-    settings = pipeline.config.eval
-    dataset = load_dataset(data, split, strict=pipeline.config.strict_data).sample(max_queries, pipeline.config.seed)
+    settings = run.config.eval
+    dataset = load_dataset(data, split, strict=run.config.strict_data).sample(max_queries, run.config.seed)
     if not dataset.queries:
         raise ValueError(f"{data} split {split!r} has no judged query to evaluate")
     systems = list(settings.systems)
     if settings.generation and "bsharedrag" not in systems:
         systems.append("bsharedrag")  # generation reads the passages the BSharedRAG retriever found
-    runs, dense_hits, timings = retrieval_runs(pipeline, dataset, systems)
+    runs, dense_hits, timings = retrieval_runs(run, dataset, systems)
     results = {
         "data": str(data),
         "split": split,
@@ -108,15 +111,15 @@ def evaluate(pipeline: Pipeline, data: Path, split: str, output: Path, top_k: in
         "runs": runs,
     }
     has_answers = any(q.answers for q in dataset.queries)
-    generator_ready = (pipeline.folder("generator") / "manifest.json").exists()
+    generator_ready = run.is_built("generator")
     if settings.generation and has_answers and generator_ready:
-        top_k = top_k or pipeline.config.generator.top_k
-        results["generation"], results["answers"] = _generation(pipeline, dataset, dense_hits, top_k)
+        top_k = top_k or run.config.generator.top_k
+        results["generation"], results["answers"] = _generation(run, dataset, dense_hits, top_k)
         results["generation_top_k"] = top_k
         results["generation_queries"] = len(next(iter(results["answers"].values()), {}))
     elif settings.generation:
         log.warning("generation not evaluated: %s", "no reference answers" if not has_answers else "no generator")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    write_text_atomic(output, json.dumps(results, indent=2, ensure_ascii=False))
     return results

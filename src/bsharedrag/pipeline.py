@@ -2,298 +2,258 @@
 
     pretrain -> mine -> retriever -> index -> generator -> eval
 
-One `SharedBackbone` is loaded once and carries both adapters through the later stages, so no
-stage repeats another's work: the index built for serving also supplies the passages that the
-generator is trained on.
+A stage is a row of `STAGES`: its name, what it is built from (`inputs`: the settings and the
+upstream ids that make its fingerprint) and how it is built (`build`: writes the artefact folder,
+returns its statistics). One `SharedBackbone`, loaded once by the `Run`, carries both adapters
+through the later stages, so no stage repeats another's work: the index built for serving also
+supplies the passages that the generator is trained on. A new stage is a new row.
 
 `config.architecture` picks what the retriever and generator stages make: `backbone_shared`
 trains two adapters; `separate` uses an off-the-shelf encoder as the retriever (nothing to train)
 and a generator adapter; `fully_shared` trains one adapter on L_gen + λ·L_ret in the retriever
-stage and uses it for generation too. A stage whose artefact another run folder (`reuse`) already
-built with the same fingerprint adopts it through a symlink instead of building it again.
+stage and uses it for generation too. A stage whose artefact another run folder (`Run.reuse`)
+already built with the same fingerprint adopts it instead of building it again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from .artefacts import Artefact, file_hash
-from .backbone import SharedBackbone, resolve_model_source
-from .config import Config, DatasetRef
-from .data import Dataset, load_dataset
+from .config import Config
+from .data import read_corpus
+from .files import file_hash
+from .memory import free_memory, peak_rss_mib, reset_peak_rss
+from .model.backbone import GENERATOR, RETRIEVER, SharedBackbone, resolve_model_source
+from .run import Run, dataset_id
 
-__all__ = ["STAGES", "Pipeline"]
+__all__ = ["STAGES", "Stage", "run_stages", "stage_names"]
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pretrain", "mine", "retriever", "index", "generator", "eval")
 _NOT_SETTINGS = {"checkpoint_every", "log_every"}  # they change how a stage runs, not what it makes
 
 
-def _settings(section) -> dict:
-    return json.loads(section.model_dump_json(exclude=_NOT_SETTINGS & set(type(section).model_fields)))
+def _settings(section, exclude: set[str] = frozenset()) -> dict:
+    skipped = (_NOT_SETTINGS | exclude) & set(type(section).model_fields)
+    return json.loads(section.model_dump_json(exclude=skipped))
 
 
-def dataset_id(path: Path, split: str) -> str:
-    path = Path(path)
-    return file_hash(path / "corpus.jsonl", path / "queries.jsonl", path / "qrels" / f"{split}.tsv")
+@dataclass(frozen=True)
+class Stage:
+    name: str  # also the name of its artefact folder and of its `bsharedrag` command (`command` where it differs)
+    summary: str
+    inputs: Callable[[Run], tuple[dict, dict]]  # run -> (settings, inputs): what the artefact's fingerprint hashes
+    build: Callable[[Run, Path], tuple[dict, dict]]  # (run, folder) -> (statistics, extra manifest fields)
+    command: str | None = None
 
 
-class Pipeline:
-    """Runs (or resumes) the stages of one run folder; a notebook can call each stage."""
+# --- pretrain ---------------------------------------------------------------------------
 
-    def __init__(self, config: Config, reuse: list[Path] | tuple = ()):
-        self.config = config
-        self.run_dir = Path(config.run_dir)
-        self.reuse = [Path(folder) for folder in reuse]
-        self._backbone: SharedBackbone | None = None
-        self._sentence_encoder = None
-        self._datasets: dict[tuple, Dataset] = {}
 
-    def with_eval(self, settings) -> Pipeline:
-        """The same run with other evaluation settings, sharing the loaded backbone and datasets."""
-        other = Pipeline(self.config.model_copy(update={"eval": settings}), self.reuse)
-        self.backbone()  # loaded here, so that every pipeline derived from this one shares it
-        other._backbone, other._sentence_encoder, other._datasets = self._backbone, self._sentence_encoder, self._datasets
-        return other
+def _pretrain_inputs(run: Run) -> tuple[dict, dict]:
+    settings = _settings(run.config.pretrain)
+    settings["datasets"] = [[str(p), file_hash(Path(p) / "corpus.jsonl")] for p in run.config.pretrain.datasets]
+    return settings, {"base": run.config.backbone.model, "seed": run.config.seed}
 
-    # --- shared inputs --------------------------------------------------------------------
 
-    def folder(self, stage: str) -> Path:
-        return self.run_dir / stage
+def _pretrain(run: Run, folder: Path) -> tuple[dict, dict]:
+    from .train.pretrain import domain_texts, pretrain
 
-    def manifest(self, stage: str) -> dict:
-        path = self.folder(stage) / "manifest.json"
-        if not path.exists():
-            raise FileNotFoundError(f"stage {stage!r} has not been run in {self.run_dir}; run `bsharedrag {stage}`")
-        return json.loads(path.read_text())
+    config = run.config
+    base = resolve_model_source(config.backbone)
+    if not config.pretrain.enabled:
+        return {"skipped": "pretrain.enabled is false"}, {"path": str(base)}
+    run.release()
+    trainee = SharedBackbone.load(config.backbone, base)
+    texts = domain_texts(config.pretrain, config.strict_data)
+    stats = pretrain(trainee, texts, config.pretrain, folder / "model", config.seed)
+    return stats, {"path": str((folder / "model").resolve())}
 
-    def dataset(self, ref: DatasetRef) -> Dataset:
-        key = (str(ref.path), ref.split, ref.max_queries)
-        if key not in self._datasets:
-            full = load_dataset(ref.path, ref.split, strict=self.config.strict_data)
-            self._datasets[key] = full.sample(ref.max_queries, self.config.seed)
-        return self._datasets[key]
 
-    def _dataset_inputs(self, refs: list[DatasetRef]) -> list:
-        return [[str(r.path), r.split, r.max_queries, dataset_id(r.path, r.split)] for r in refs]
+# --- mine -------------------------------------------------------------------------------
 
-    def backbone_path(self) -> Path:
-        return Path(self.manifest("pretrain")["path"])
 
-    def backbone(self) -> SharedBackbone:
-        """The domain backbone, loaded once; adapters are attached to it by later stages."""
-        if self._backbone is None:
-            self._backbone = SharedBackbone.load(self.config.backbone, self.backbone_path())
-        return self._backbone
+def _mine_inputs(run: Run) -> tuple[dict, dict]:
+    config, refs = run.config, run.config.retriever.datasets
+    inputs = {"datasets": run.dataset_inputs(refs), "seed": config.seed,
+              "judged_per_product": [str(ref.path) for ref in refs if ref.judged_per_product]}
+    if config.mine.method == "dense" and not config.mine.random_negatives:
+        inputs["backbone"] = run.manifest("pretrain")["id"]
+    return _settings(config.mine), inputs
 
-    def ensure_adapter(self, name: str) -> None:
-        backbone = self.backbone()
-        if name not in backbone.adapters:
-            backbone.load_adapter(name, self.folder(name))
 
-    @property
-    def generator_adapter(self) -> str:
-        """The adapter that writes answers: the retriever's own one in the fully shared architecture."""
-        from .generator import ADAPTER as GENERATOR
-        from .retriever import ADAPTER as RETRIEVER
+def _mine(run: Run, folder: Path) -> tuple[dict, dict]:
+    from .train.mining import mine_negatives
 
-        return RETRIEVER if self.config.architecture == "fully_shared" else GENERATOR
+    config = run.config
+    negatives: dict[str, list[str]] = {}
+    for ref in config.retriever.datasets:
+        dataset = run.dataset(ref)
+        negatives.update(mine_negatives(dataset, _scorer(run, dataset), config.mine, config.seed,
+                                        ref.judged_per_product))
+    run.negatives_file.write_text(json.dumps(negatives))
+    counts = [len(v) for v in negatives.values()]
+    return {"queries": len(negatives), "mean_negatives": sum(counts) / max(1, len(counts))}, {}
 
-    def encoder(self):
-        """What embeds questions and passages for this run's indexes (see `DenseRetriever`)."""
-        if self.config.architecture == "separate":
-            from .baselines import SentenceEncoder
 
-            if self._sentence_encoder is None:
-                self._sentence_encoder = SentenceEncoder(self.config.eval.encoder_model)
-            return self._sentence_encoder
-        from .retriever import ADAPTER, Encoder
-
-        self.ensure_adapter(ADAPTER)
-        return Encoder(self.backbone(), self.config.retriever)
-
-    def index_ids(self) -> dict:
-        """What an index of this run must have been built with: the backbone and the retriever artefacts."""
-        return {"backbone": self.manifest("pretrain")["id"], "adapter": self.manifest("retriever")["id"]}
-
-    # --- stages ---------------------------------------------------------------------------
-
-    def run(self, stages: tuple[str, ...] = STAGES, force: bool = False) -> dict[str, dict]:
-        unknown = [s for s in stages if s not in STAGES]
-        if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config.save(self.run_dir / "config.yaml")
-        done = {}
-        for stage in STAGES:
-            if stage in stages:
-                done[stage] = self.run_stage(stage, force)
-        return done
-
-    def run_stage(self, stage: str, force: bool = False) -> dict:
-        artefact = getattr(self, f"_{stage}_artefact")()
-        if artefact.is_fresh() and not force:
-            log.info("%s: up to date in %s", stage, artefact.folder)
-            return artefact.manifest
-        if not force and (adopted := self._adopt(stage, artefact)):
-            return adopted
-        log.info("%s: building %s", stage, artefact.folder)
-        started = time.time()
-        artefact.start()
-        stats, extra = getattr(self, f"_{stage}")(artefact.folder)
-        stats["stage_seconds"] = round(time.time() - started, 1)
-        return artefact.finish(stats, **extra)
-
-    def _adopt(self, stage: str, artefact: Artefact) -> dict | None:
-        """Link `stage` to the same artefact in a `reuse` run folder, if one was built with this fingerprint."""
-        for other in self.reuse:
-            source = (other / stage).resolve()
-            if source == artefact.folder.resolve() or not (source / "manifest.json").exists():
-                continue
-            manifest = json.loads((source / "manifest.json").read_text())
-            if manifest.get("fingerprint") == artefact.fingerprint:
-                folder = artefact.folder
-                if folder.is_symlink() or folder.is_file():
-                    folder.unlink()
-                elif folder.exists():
-                    shutil.rmtree(folder)
-                folder.parent.mkdir(parents=True, exist_ok=True)
-                folder.symlink_to(os.path.relpath(source, folder.parent), target_is_directory=True)
-                log.info("%s: adopted %s", stage, source)
-                return manifest
+def _scorer(run: Run, dataset):
+    """What ranks the corpus for each training question: BM25, the backbone as an encoder, or nothing (random)."""
+    config = run.config
+    if config.mine.random_negatives:
         return None
+    if config.mine.method == "bm25":
+        from .model.baselines import BM25Retriever
 
-    def _pretrain_artefact(self) -> Artefact:
-        settings = _settings(self.config.pretrain)
-        settings["datasets"] = [[str(p), file_hash(Path(p) / "corpus.jsonl")] for p in self.config.pretrain.datasets]
-        return Artefact(self.folder("pretrain"), settings, {"base": self.config.backbone.model,
-                                                            "seed": self.config.seed})
+        return BM25Retriever(dataset.corpus).scores
+    from .model.encoder import Encoder
 
-    def _pretrain(self, folder: Path) -> tuple[dict, dict]:
-        from .pretrain import domain_texts, pretrain
+    adapter = run.adapter(RETRIEVER) if run.is_built(RETRIEVER) else None
+    encoder = Encoder(run.backbone(), config.retriever, adapter)
+    passages = encoder.embed_passages(dataset.corpus, config.index.batch_tokens, desc="embed for mining")
+    return lambda questions: encoder.embed_queries(questions) @ passages.T
 
-        base = resolve_model_source(self.config.backbone)
-        if not self.config.pretrain.enabled:
-            return {"skipped": "pretrain.enabled is false"}, {"path": str(base)}
-        self._backbone = None
-        trainee = SharedBackbone.load(self.config.backbone, base)
-        texts = domain_texts(self.config.pretrain, self.config.strict_data)
-        stats = pretrain(trainee, texts, self.config.pretrain, folder / "model", self.config.seed)
-        del trainee
-        return stats, {"path": str((folder / "model").resolve())}
 
-    def _mine_artefact(self) -> Artefact:
-        refs = self.config.retriever.datasets
-        inputs = {"datasets": self._dataset_inputs(refs), "seed": self.config.seed,
-                  "judged_per_product": [str(ref.path) for ref in refs if ref.judged_per_product]}
-        if self.config.mine.method == "dense" and not self.config.mine.random_negatives:
-            inputs["backbone"] = self.manifest("pretrain")["id"]
-        return Artefact(self.folder("mine"), _settings(self.config.mine), inputs)
+# --- retriever --------------------------------------------------------------------------
 
-    def _mine(self, folder: Path) -> tuple[dict, dict]:
-        from .mining import mine_negatives
 
-        negatives: dict[str, list[str]] = {}
-        for ref in self.config.retriever.datasets:
-            dataset = self.dataset(ref)
-            negatives.update(mine_negatives(dataset, self._scorer(dataset), self.config.mine, self.config.seed,
-                                            ref.judged_per_product))
-        (folder / "negatives.json").write_text(json.dumps(negatives))
-        counts = [len(v) for v in negatives.values()]
-        return {"queries": len(negatives), "mean_negatives": sum(counts) / max(1, len(counts))}, {}
+def _retriever_inputs(run: Run) -> tuple[dict, dict]:
+    config = run.config
+    inputs = {"backbone": run.manifest("pretrain")["id"], "negatives": run.manifest("mine")["id"], "seed": config.seed}
+    if config.architecture == "separate":
+        return {"architecture": "separate", "encoder": config.retriever.encoder_model}, inputs
+    settings = _settings(config.retriever, exclude={"encoder_model"})
+    if config.architecture == "fully_shared":
+        settings = {"architecture": "fully_shared", "lambda": config.fully_shared_lambda,
+                    "retriever": settings, "generator": _settings(config.generator)}
+        inputs["generator_datasets"] = run.dataset_inputs(config.generator.datasets)
+    return settings, inputs
 
-    def _scorer(self, dataset: Dataset):
-        if self.config.mine.random_negatives:
-            return None
-        if self.config.mine.method == "bm25":
-            from .baselines import BM25Retriever
 
-            return BM25Retriever(dataset.corpus).scores
-        from .retriever import ADAPTER, Encoder
+def _retriever(run: Run, folder: Path) -> tuple[dict, dict]:
+    from .train.retriever import train_retriever, training_examples
 
-        adapter = ADAPTER if (self.folder(ADAPTER) / "manifest.json").exists() else None
-        if adapter:
-            self.ensure_adapter(adapter)
-        encoder = Encoder(self.backbone(), self.config.retriever, adapter)
-        passages = encoder.embed_passages(dataset.corpus, self.config.index.batch_tokens, desc="embed for mining")
-        return lambda questions: encoder.embed_queries(questions) @ passages.T
+    config = run.config
+    if config.architecture == "separate":
+        return {"encoder": config.retriever.encoder_model, "trained": False}, {}
+    backbone = run.backbone()
+    backbone.remove_adapter(RETRIEVER)  # retraining starts from a fresh adapter
+    negatives = json.loads(run.negatives_file.read_text())
+    examples = training_examples([run.dataset(r) for r in config.retriever.datasets], negatives)
+    if config.architecture == "fully_shared":
+        from .train.joint import train_fully_shared
 
-    def _retriever_artefact(self) -> Artefact:
-        architecture = self.config.architecture
-        inputs = {"backbone": self.manifest("pretrain")["id"], "negatives": self.manifest("mine")["id"],
-                  "seed": self.config.seed}
-        settings = _settings(self.config.retriever)
-        if architecture == "separate":
-            settings = {"architecture": architecture, "encoder": self.config.eval.encoder_model}
-        elif architecture == "fully_shared":
-            settings = {"architecture": architecture, "lambda": self.config.fully_shared_lambda,
-                        "retriever": settings, "generator": _settings(self.config.generator)}
-            inputs["generator_datasets"] = self._dataset_inputs(self.config.generator.datasets)
-        return Artefact(self.folder("retriever"), settings, inputs)
+        datasets = [run.dataset(r) for r in config.generator.datasets]
+        return train_fully_shared(backbone, examples, datasets, config.retriever, config.generator,
+                                  config.fully_shared_lambda, folder, config.seed), {}
+    return train_retriever(backbone, examples, config.retriever, folder, config.seed), {}
 
-    def _retriever(self, folder: Path) -> tuple[dict, dict]:
-        from .retriever import ADAPTER, train_retriever, training_examples
 
-        if self.config.architecture == "separate":
-            return {"encoder": self.config.eval.encoder_model, "trained": False}, {}
-        backbone = self.backbone()
-        backbone.remove_adapter(ADAPTER)  # retraining starts from a fresh adapter
-        negatives = json.loads((self.folder("mine") / "negatives.json").read_text())
-        examples = training_examples([self.dataset(r) for r in self.config.retriever.datasets], negatives)
-        if self.config.architecture == "fully_shared":
-            from .joint import train_fully_shared
+# --- index ------------------------------------------------------------------------------
 
-            datasets = [self.dataset(r) for r in self.config.generator.datasets]
-            return train_fully_shared(backbone, examples, datasets, self.config, folder), {}
-        return train_retriever(backbone, examples, self.config.retriever, folder, self.config.seed), {}
 
-    def _index_artefact(self) -> Artefact:
-        corpus = Path(self.config.corpus) / "corpus.jsonl"
-        inputs = {"backbone": self.manifest("pretrain")["id"], "adapter": self.manifest("retriever")["id"],
-                  "corpus": file_hash(corpus)}
-        return Artefact(self.folder("index"), _settings(self.config.index), inputs)
+def _index_inputs(run: Run) -> tuple[dict, dict]:
+    corpus = Path(run.config.index.corpus) / "corpus.jsonl"
+    return _settings(run.config.index), {**run.index_ids(), "corpus": file_hash(corpus)}
 
-    def _index(self, folder: Path) -> tuple[dict, dict]:
-        from .data import read_corpus
-        from .indexing import build_index
 
-        docs = read_corpus(Path(self.config.corpus) / "corpus.jsonl", self.config.strict_data)
-        ids = {**self.index_ids(), "corpus": file_hash(Path(self.config.corpus) / "corpus.jsonl")}
-        stats = build_index(self.encoder(), docs, self.config, folder, ids)
-        return stats, {}
+def _index(run: Run, folder: Path) -> tuple[dict, dict]:
+    from .model.index import build_index
 
-    def _generator_artefact(self) -> Artefact:
-        inputs = {"backbone": self.manifest("pretrain")["id"], "retriever": self.manifest("retriever")["id"],
-                  "datasets": self._dataset_inputs(self.config.generator.datasets), "seed": self.config.seed}
-        return Artefact(self.folder("generator"), _settings(self.config.generator), inputs)
+    corpus = Path(run.config.index.corpus) / "corpus.jsonl"
+    docs = read_corpus(corpus, run.config.strict_data)
+    manifest = run.index_manifest(file_hash(corpus))
+    return build_index(run.encoder(), docs, folder, manifest, run.config.index.batch_tokens), {}
 
-    def _generator(self, folder: Path) -> tuple[dict, dict]:
-        from .generator import ADAPTER, build_triples, train_generator
-        from .indexing import retriever_for
 
-        if self.config.architecture == "fully_shared":
-            return {"trained": False, "shared_with": "retriever"}, {}
-        backbone = self.backbone()
-        backbone.remove_adapter(ADAPTER)
-        datasets = [self.dataset(r) for r in self.config.generator.datasets]
-        with_passages = self.config.generator.with_passages
-        retrievers = [retriever_for(self, dataset) for dataset in datasets] if with_passages else None
-        triples = build_triples(datasets, retrievers, self.config.generator, self.config.seed)
-        return train_generator(backbone, triples, self.config.generator, folder, self.config.seed), {}
+# --- generator --------------------------------------------------------------------------
 
-    def _eval_artefact(self) -> Artefact:
-        inputs = {stage: self.manifest(stage)["id"] for stage in ("pretrain", "retriever", "index", "generator")}
-        inputs["data"] = dataset_id(self.config.eval.data, self.config.eval.split)
-        return Artefact(self.folder("eval"), _settings(self.config.eval), inputs)
 
-    def _eval(self, folder: Path) -> tuple[dict, dict]:
-        from .evaluate import evaluate
+def _generator_inputs(run: Run) -> tuple[dict, dict]:
+    config = run.config
+    inputs = {"backbone": run.manifest("pretrain")["id"], "retriever": run.manifest("retriever")["id"],
+              "datasets": run.dataset_inputs(config.generator.datasets), "seed": config.seed}
+    return _settings(config.generator), inputs
 
-        results = evaluate(self, self.config.eval.data, self.config.eval.split, folder / "results.json")
-        return {"queries": results["queries"]}, {}
+
+def _generator(run: Run, folder: Path) -> tuple[dict, dict]:
+    from .train.generator import build_triples, train_generator
+
+    config = run.config
+    if config.architecture == "fully_shared":
+        return {"trained": False, "shared_with": "retriever"}, {}
+    backbone = run.backbone()
+    backbone.remove_adapter(GENERATOR)
+    datasets = [run.dataset(r) for r in config.generator.datasets]
+    retrievers = [run.retriever(dataset.path) for dataset in datasets] if config.generator.with_passages else None
+    triples = build_triples(datasets, retrievers, config.generator, config.seed)
+    return train_generator(backbone, triples, config.generator, folder, config.seed), {}
+
+
+# --- eval -------------------------------------------------------------------------------
+
+
+def _eval_inputs(run: Run) -> tuple[dict, dict]:
+    inputs = run.ids("pretrain", "retriever", "index", "generator")
+    inputs["data"] = dataset_id(run.config.eval.data, run.config.eval.split)
+    return _settings(run.config.eval), inputs
+
+
+def _eval(run: Run, folder: Path) -> tuple[dict, dict]:
+    from .evaluate import evaluate
+
+    results = evaluate(run, run.config.eval.data, run.config.eval.split, run.eval_results())
+    return {"queries": results["queries"]}, {}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("pretrain", "Stage 1: continual pre-training of the backbone on the domain corpus.",
+          _pretrain_inputs, _pretrain),
+    Stage("mine", "Stage 2: mine hard negatives for the retriever's training queries.", _mine_inputs, _mine),
+    Stage("retriever", "Stage 3: train the retriever adapter (InfoNCE with in-batch and hard negatives).",
+          _retriever_inputs, _retriever, command="train-retriever"),
+    Stage("index", "Embed the catalogue (index.corpus) with the retriever into the run's vector index.",
+          _index_inputs, _index),
+    Stage("generator", "Stage 4: train the generator adapter on retrieved passages (loss on answer tokens only).",
+          _generator_inputs, _generator, command="train-generator"),
+    Stage("eval", "Evaluate the run and the baselines on eval.data (retrieval and answers).", _eval_inputs, _eval),
+)
+
+
+def stage_names() -> tuple[str, ...]:
+    return tuple(stage.name for stage in STAGES)
+
+
+def run_stages(run: Run | Config, stages: tuple[str, ...] | None = None, force: bool = False) -> dict[str, dict]:
+    """Build (or resume) `stages` of `run` in table order, skipping those up to date; returns their manifests."""
+    run = run if isinstance(run, Run) else Run(run)
+    names = stage_names()
+    stages = names if stages is None else tuple(stages)
+    unknown = [s for s in stages if s not in names]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {list(names)}")
+    run.save_config()
+    return {stage.name: _run_stage(run, stage, force) for stage in STAGES if stage.name in stages}
+
+
+def _run_stage(run: Run, stage: Stage, force: bool) -> dict:
+    artefact = run.artefact(stage.name, *stage.inputs(run))
+    if artefact.is_fresh() and not force:
+        log.info("%s: up to date in %s", stage.name, artefact.folder)
+        return artefact.manifest
+    if not force and (adopted := run.adopt(stage.name, artefact)):
+        return adopted
+    log.info("%s: building %s", stage.name, artefact.folder)
+    started = time.time()
+    measured = reset_peak_rss()
+    artefact.start()
+    stats, extra = stage.build(run, artefact.folder)
+    stats["stage_seconds"] = round(time.time() - started, 1)
+    if measured:
+        stats["peak_rss_mib"] = round(peak_rss_mib())  # this stage's own peak, what earlier stages left included
+    free_memory()  # what the stage built and dropped (a trainee model, optimiser state) goes before the next one
+    return artefact.finish(stats, **extra)

@@ -16,14 +16,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .config import Config, GeneratorConfig
-from .generate import stream_tokens
-from .prompt import drop_foreign_citations, encode_prompt, open_citation_start, parse_citations
+from .model.backbone import GENERATOR
+from .model.generate import stream_tokens
+from .model.prompt import drop_foreign_citations, encode_prompt, open_citation_start, parse_citations
+from .run import Run
 from .text import has_cjk
 
 if TYPE_CHECKING:
-    from .backbone import SharedBackbone
-    from .index import Hit
-    from .retriever import DenseRetriever
+    from .model.backbone import SharedBackbone
+    from .model.encoder import DenseRetriever
+    from .model.index import Hit
 
 __all__ = ["RAG", "Answer", "Citation", "load_rag", "no_passages_answer"]
 
@@ -54,7 +56,7 @@ class RAG:
         backbone: SharedBackbone,
         retriever: DenseRetriever | None,
         settings: GeneratorConfig,
-        adapter: str | None = "generator",
+        adapter: str | None = GENERATOR,
     ):
         if adapter is not None and adapter not in backbone.adapters:
             raise KeyError(f"unknown generator adapter {adapter!r}; known adapters: {backbone.adapters or 'none'}")
@@ -154,16 +156,9 @@ def no_passages_answer(question: str) -> str:
     return "I found no passage about this in the catalogue, so I cannot answer it."
 
 
-def load_rag(config: Config, with_generator: bool = True) -> RAG:
-    """The RAG of a finished run folder: its backbone (loaded once), its adapters, its index."""
-    from .index import VectorIndex
-    from .pipeline import Pipeline
-    from .retriever import DenseRetriever
-
-    pipeline = Pipeline(config)
-    index = VectorIndex.open(pipeline.folder("index"), expect=pipeline.index_ids())
-    retriever = DenseRetriever(pipeline.encoder(), index)
-    adapter = pipeline.generator_adapter if with_generator else None
-    if adapter:
-        pipeline.ensure_adapter(adapter)
-    return RAG(pipeline.backbone(), retriever, config.generator, adapter=adapter)
+def load_rag(run: Run | Config, with_generator: bool = True) -> RAG:
+    """The RAG of a finished run folder: its backbone (loaded once), its adapters, the index of its catalogue."""
+    run = run if isinstance(run, Run) else Run(run)
+    retriever = run.retriever()
+    adapter = run.adapter(run.generator_adapter) if with_generator else None
+    return RAG(run.backbone(), retriever, run.config.generator, adapter=adapter)

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .config import portable_path
 from .metrics import GENERATION_METRICS, RETRIEVAL_METRICS
 
 __all__ = ["EFFICIENCY_METRICS", "load_results", "write_report"]
@@ -166,7 +167,8 @@ def _duration(seconds) -> str:
 
 
 def _dataset_summary(dataset: Mapping) -> str:
-    summary = f"`{dataset.get('data', _MISSING)}`, split {dataset.get('split', _MISSING)}: " \
+    data = portable_path(dataset["data"]) if dataset.get("data") else _MISSING
+    summary = f"`{data}`, split {dataset.get('split', _MISSING)}: " \
               f"{dataset.get('queries', _MISSING)} queries"
     if dataset.get("generation_queries") is not None:
         summary += f", generation on {dataset['generation_queries']}"

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
@@ -33,6 +32,7 @@ from .scheduler import Scheduler
 if TYPE_CHECKING:
     from ..config import Config
     from ..rag import RAG
+    from ..run import Run
 
 __all__ = ["create_app", "serve"]
 
@@ -82,16 +82,18 @@ def create_app(rag: RAG, config: Config) -> FastAPI:
     return app
 
 
-def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
-    """Load the finished run `config.run_dir` and serve it until interrupted."""
+def serve(run: Run | Config, host: str | None = None, port: int | None = None) -> None:
+    """Load a finished run (a `Run`, or the config of one) and serve it until interrupted."""
     import uvicorn
 
     from ..rag import load_rag
+    from ..run import Run
 
-    with serving_lock(Path(config.run_dir) / "index"):
+    run = run if isinstance(run, Run) else Run(run)
+    with serving_lock(run.index_folder):
         pass  # fail fast, before the model loads, if another process serves or updates this index
-    app = create_app(load_rag(config), config)
-    uvicorn.run(app, host=host or config.serve.host, port=port or config.serve.port, log_level="info")
+    app = create_app(load_rag(run), run.config)
+    uvicorn.run(app, host=host or run.config.serve.host, port=port or run.config.serve.port, log_level="info")
 
 
 def _printable(value) -> str | int:

@@ -14,7 +14,6 @@ process dies, even by kill -9, so a crashed server never blocks the CLI.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -24,12 +23,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..data import Document
+from ..data import Document, read_corpus
 from .schemas import check_identifier
 
 if TYPE_CHECKING:
-    from ..index import VectorIndex
-    from ..rag import RAG
+    from ..model.encoder import DenseRetriever
+    from ..model.index import VectorIndex
 
 __all__ = ["ServingLockError", "delete_documents", "read_document_ids", "read_documents", "serving_lock",
            "upsert_documents", "upsert_steps"]
@@ -41,25 +40,20 @@ class ServingLockError(RuntimeError):
     """Another process is serving this index."""
 
 
+def _addressable(doc: Document) -> None:
+    """Refuse a document that could not be read or removed over HTTP again, or not stored as UTF-8."""
+    check_identifier(doc.id)
+    if doc.product_id is not None:
+        check_identifier(doc.product_id)
+    doc.content.encode("utf-8")
+
+
 def read_documents(path: Path) -> list[Document]:
-    """Documents of a corpus.jsonl file; any malformed line is an error naming its line number."""
+    """Documents of a corpus.jsonl file to upsert; any malformed line is an error naming its line number."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"document file {path} does not exist")
-    docs = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = Document.from_json(json.loads(line))
-                check_identifier(doc.id)
-                if doc.product_id is not None:
-                    check_identifier(doc.product_id)
-                doc.content.encode("utf-8")
-                docs.append(doc)
-            except (json.JSONDecodeError, ValueError) as error:
-                raise ValueError(f"{path}:{number}: {error}") from error
+    docs = read_corpus(path, strict=True, check=_addressable, advice="nothing was stored")
     if not docs:
         raise ValueError(f"{path} holds no document")
     ids = [doc.id for doc in docs]
@@ -82,7 +76,7 @@ def read_document_ids(path: Path) -> list[str]:
     return ids
 
 
-def upsert_steps(rag: RAG, docs: Sequence[Document], batch_tokens: int = 4096,
+def upsert_steps(retriever: DenseRetriever, docs: Sequence[Document], batch_tokens: int = 4096,
                  slice_documents: int = 16) -> Iterator[int]:
     """Upsert `docs` one embedding slice at a time: yields the documents embedded so far after each slice.
 
@@ -93,7 +87,6 @@ def upsert_steps(rag: RAG, docs: Sequence[Document], batch_tokens: int = 4096,
     if not docs:
         raise ValueError("no documents to upsert")
     docs = list(docs)
-    retriever = rag.retriever
     slices = []
     for start in range(0, len(docs), slice_documents):
         slices.append(retriever.encoder.embed_passages(docs[start:start + slice_documents], batch_tokens))
@@ -101,9 +94,9 @@ def upsert_steps(rag: RAG, docs: Sequence[Document], batch_tokens: int = 4096,
     retriever.index.upsert(docs, np.concatenate(slices))  # (len(docs), dim)
 
 
-def upsert_documents(rag: RAG, docs: Sequence[Document], batch_tokens: int = 4096) -> int:
-    """Embed `docs` with the retriever adapter and insert or replace them, all or none; returns the count."""
-    for _ in upsert_steps(rag, docs, batch_tokens, slice_documents=max(len(docs), 1)):
+def upsert_documents(retriever: DenseRetriever, docs: Sequence[Document], batch_tokens: int = 4096) -> int:
+    """Embed `docs` with the retriever's encoder and insert or replace them in its index, all or none; returns the count."""
+    for _ in upsert_steps(retriever, docs, batch_tokens, slice_documents=max(len(docs), 1)):
         pass
     return len(docs)
 

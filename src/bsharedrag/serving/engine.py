@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..data import Document
-from ..prompt import encode_prompt
+from ..model.prompt import encode_prompt
 from ..rag import RAG, Answer
 from .catalogue import upsert_steps
 from .scheduler import Scheduler
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..index import Hit
+    from ..model.index import Hit
     from .metrics import Metrics
 
 __all__ = ["DocumentNotFound", "Engine"]
@@ -128,7 +128,7 @@ class Engine:
         answers queued meanwhile take their turns between two slices.
         """
         def steps() -> Iterator[int]:
-            return upsert_steps(self.rag, docs, self.config.index.batch_tokens, self.config.serve.upsert_slice_documents)
+            return upsert_steps(self.rag.retriever, docs, self.config.index.batch_tokens, self.config.serve.upsert_slice_documents)
 
         async with aclosing(self.scheduler.stream(steps)) as progress:
             async for _ in progress:

@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, mo
 from ..data import Document
 
 if TYPE_CHECKING:
-    from ..index import Hit
+    from ..model.index import Hit
     from ..rag import Answer
 
 __all__ = [

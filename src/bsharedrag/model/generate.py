@@ -269,7 +269,7 @@ def stream_tokens(
     use the backbone with another adapter.
     """
     if not prompt_ids:
-        raise ValueError("`prompt_ids` is empty; build the prompt with bsharedrag.prompt.build_prompt")
+        raise ValueError("`prompt_ids` is empty; build the prompt with bsharedrag.model.prompt.build_prompt")
     if max_new_tokens <= 0:
         raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:

@@ -1,6 +1,7 @@
 """Baseline retrievers: BM25 over `text.words` tokens and an off-the-shelf sentence encoder (MiniLM).
 
-Both follow the `Retriever` protocol, so evaluation and RAG code treat any retriever the same way.
+Both follow the `Retriever` protocol and return `Hit`s, as the dense retriever does, so evaluation and
+RAG code treat any retriever the same way.
 bm25s and sentence-transformers are imported when a retriever is built, not with this module.
 """
 
@@ -12,21 +13,20 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ..data import Document, Query
+from ..metrics import local_model
+from ..text import words
 from .backbone import cpu_has_fast_bf16
-from .data import Document, Query
-from .metrics import local_model
-from .text import words
+from .index import Hit
 
-__all__ = ["BM25Retriever", "EncoderRetriever", "Hits", "Retriever", "SentenceEncoder", "build_run"]
-
-Hits = list[tuple[str, float]]  # (doc id, score), best first
+__all__ = ["BM25Retriever", "EncoderRetriever", "Retriever", "SentenceEncoder", "build_run"]
 
 
 @runtime_checkable
 class Retriever(Protocol):
     name: str
 
-    def search(self, questions: list[str], top_k: int) -> list[Hits]:
+    def search(self, questions: list[str], top_k: int) -> list[list[Hit]]:
         """The `top_k` best documents for each question, best first."""
         ...
 
@@ -75,7 +75,7 @@ class BM25Retriever:
 
         _check_corpus(corpus)
         self.name = name
-        self.ids = [doc.id for doc in corpus]
+        self.docs = list(corpus)
         self._stopwords = _stopwords(stopwords)
         self._bm25 = bm25s.BM25(k1=k1, b=b)
         self._bm25.index([self._tokens(doc.content) for doc in corpus], show_progress=False)
@@ -87,15 +87,15 @@ class BM25Retriever:
         """(questions, docs) BM25 scores of every document, in corpus order."""
         return np.stack([self._bm25.get_scores(self._tokens(q)) for q in questions])
 
-    def search(self, questions: list[str], top_k: int) -> list[Hits]:
+    def search(self, questions: list[str], top_k: int) -> list[list[Hit]]:
         _check_top_k(top_k)
         if not questions:
             return []
-        k = min(top_k, len(self.ids))
+        k = min(top_k, len(self.docs))
         # bm25s drops query words outside the vocabulary itself; one batched call scores all questions.
         indices, scores = self._bm25.retrieve([self._tokens(q) for q in questions], k=k, show_progress=False)
         return [
-            [(self.ids[i], float(s)) for i, s in zip(row_indices, row_scores)]
+            [Hit(self.docs[i], float(s)) for i, s in zip(row_indices, row_scores)]
             for row_indices, row_scores in zip(indices.tolist(), scores.tolist())
         ]
 
@@ -104,7 +104,7 @@ _AUTOCAST = ("auto", "bf16", "off")
 
 
 class SentenceEncoder:
-    """An off-the-shelf sentence-transformers bi-encoder, with the embedding interface of `retriever.Encoder`.
+    """An off-the-shelf sentence-transformers bi-encoder, with the embedding interface of `encoder.Encoder`.
 
     `model` is 'minilm' (the embedded all-MiniLM-L6-v2) or a local sentence-transformers folder;
     nothing is downloaded. `autocast="auto"` runs the matmuls in bfloat16 on a CPU with native bf16
@@ -162,24 +162,24 @@ class EncoderRetriever:
         _check_corpus(corpus)
         self.encoder = SentenceEncoder(model, batch_size, device, autocast)
         self.name = self.encoder.name
-        self.ids = [doc.id for doc in corpus]
+        self.docs = list(corpus)
         self.embeddings = self.encoder.embed([doc.content for doc in corpus], show_progress)  # (docs, dim)
 
-    def search(self, questions: list[str], top_k: int) -> list[Hits]:
+    def search(self, questions: list[str], top_k: int) -> list[list[Hit]]:
         _check_top_k(top_k)
         if not questions:
             return []
-        k = min(top_k, len(self.ids))
+        k = min(top_k, len(self.docs))
         scores = self.encoder.embed(list(questions)) @ self.embeddings.T  # (questions, docs)
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (questions, k), unordered
         results = []
         for row, candidates in zip(scores, top):
             ranked = candidates[np.argsort(-row[candidates], kind="stable")]
-            results.append([(self.ids[i], float(row[i])) for i in ranked])
+            results.append([Hit(self.docs[i], float(row[i])) for i in ranked])
         return results
 
 
 def build_run(retriever: Retriever, queries: Sequence[Query], top_k: int = 10) -> dict[str, list[str]]:
     """query id -> ranked doc ids, searching each query's `text` (product title + question)."""
     hits = retriever.search([q.text for q in queries], top_k)
-    return {q.id: [doc_id for doc_id, _ in row] for q, row in zip(queries, hits)}
+    return {q.id: [hit.doc.id for hit in row] for q, row in zip(queries, hits, strict=True)}

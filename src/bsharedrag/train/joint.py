@@ -17,38 +17,31 @@ import random
 import time
 from pathlib import Path
 
-from .backbone import SharedBackbone
-from .baselines import BM25Retriever
-from .config import Config
-from .data import Dataset
+from ..config import GeneratorConfig, RetrieverConfig
+from ..data import Dataset
+from ..model.backbone import RETRIEVER, SharedBackbone
+from ..model.baselines import BM25Retriever
+from ..model.encoder import Encoder
 from .generator import answer_loss_step, build_triples, encode_triples
-from .index import Hit
-from .retriever import ADAPTER, Encoder, TrainingExample, contrastive_step
-from .training import seed_everything, step_batches, train_loop
+from .loop import loss_summary, seed_everything, step_batches, train_loop
+from .retriever import TrainingExample, contrastive_step
 
 __all__ = ["train_fully_shared"]
 
 
-class _BM25Passages:
-    """BM25 search returning `Hit`s, the shape `build_triples` reads."""
-
-    def __init__(self, dataset: Dataset):
-        self._bm25 = BM25Retriever(dataset.corpus)
-        self._docs = dataset.docs
-
-    def search(self, questions: list[str], top_k: int) -> list[list[Hit]]:
-        return [[Hit(self._docs[doc_id], score) for doc_id, score in row]
-                for row in self._bm25.search(questions, top_k)]
-
-
 def train_fully_shared(
-    backbone: SharedBackbone, examples: list[TrainingExample], datasets: list[Dataset], config: Config, out_dir: Path
+    backbone: SharedBackbone,
+    examples: list[TrainingExample],
+    datasets: list[Dataset],
+    ret_settings: RetrieverConfig,
+    gen_settings: GeneratorConfig,
+    weight: float,
+    out_dir: Path,
+    seed: int = 0,
 ) -> dict:
-    """Train the one adapter (saved as the `retriever` adapter in `out_dir`); returns training stats."""
-    ret_settings, gen_settings = config.retriever, config.generator
-    weight, seed = config.fully_shared_lambda, config.seed
+    """Train the one adapter on L_gen + `weight`·L_ret (saved as the `retriever` adapter in `out_dir`); returns stats."""
     seed_everything(seed)
-    passages = [_BM25Passages(dataset) for dataset in datasets] if gen_settings.with_passages else None
+    passages = [BM25Retriever(dataset.corpus) for dataset in datasets] if gen_settings.with_passages else None
     triples = build_triples(datasets, passages, gen_settings, seed)
     tokenizer = backbone.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -71,21 +64,19 @@ def train_fully_shared(
         return gen_loss + weight * ret_loss
 
     started = time.perf_counter()
-    with backbone.training(ADAPTER, ret_settings.lora) as named:
+    with backbone.training(RETRIEVER, ret_settings.lora) as named:
         losses = train_loop(named, [list(pair) for pair in zip(retrieval_batches, generation_batches)], step,
                             ret_settings, Path(out_dir) / "checkpoint", f"train fully shared (λ={weight})")
-    backbone.save_adapter(ADAPTER, out_dir)
+    backbone.save_adapter(RETRIEVER, out_dir)
 
     def tail(values: list[float]) -> float | None:
-        return sum(values[-5:]) / len(values[-5:]) if values else None
+        return loss_summary(values)["final_loss"]
 
     stats = {
-        "steps": len(losses),
+        **loss_summary(losses),
         "lambda": weight,
         "examples": len(examples),
         "triples": len(triples),
-        "first_loss": losses[0] if losses else None,
-        "final_loss": tail(losses),
         "final_retrieval_loss": tail(parts["retrieval"]),  # since the last resume
         "final_generation_loss": tail(parts["generation"]),
         "seconds": round(time.perf_counter() - started, 1),

@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import GeneratorConfig
-from .data import Document
+from ..config import GeneratorConfig
+from ..data import Document
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

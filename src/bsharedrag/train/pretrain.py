@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .backbone import SharedBackbone
-from .config import PretrainConfig
-from .data import read_corpus
-from .training import micro_batches, step_batches, train_loop
+from ..config import PretrainConfig
+from ..data import read_corpus
+from ..model.backbone import SharedBackbone
+from .loop import loss_summary, micro_batches, step_batches, train_loop
 
 __all__ = ["domain_texts", "pack", "perplexity", "pretrain"]
 
@@ -67,7 +67,8 @@ def pretrain(backbone: SharedBackbone, texts: list[str], settings: PretrainConfi
     if not heldout:
         raise ValueError("too little held-out text for one sequence; raise pretrain.heldout_fraction")
     started = time.time()
-    before = perplexity(backbone, heldout)
+    eval_batch = settings.micro_batch_size or settings.batch_size
+    before = perplexity(backbone, heldout, eval_batch)
 
     if settings.mode == "lora-merge":
         backbone.add_adapter(_ADAPTER, settings.lora)
@@ -93,17 +94,14 @@ def pretrain(backbone: SharedBackbone, texts: list[str], settings: PretrainConfi
     for p in backbone.model.parameters():
         p.requires_grad_(False)
     if settings.mode == "lora-merge":
-        backbone.model = backbone.model.merge_and_unload()
-        backbone._lora_layers = []
-    after = perplexity(backbone, heldout)
+        backbone.merge_and_unload()
+    after = perplexity(backbone, heldout, eval_batch)
     backbone.base.save_pretrained(out_dir)
     backbone.tokenizer.save_pretrained(out_dir)
     return {
         "train_sequences": len(train),
         "train_tokens": len(train) * settings.seq_len,
-        "steps": len(losses),
-        "first_loss": losses[0] if losses else None,
-        "final_loss": sum(losses[-5:]) / max(1, len(losses[-5:])),
+        **loss_summary(losses),
         "heldout_sequences": len(heldout),
         "heldout_perplexity_before": round(before, 3),
         "heldout_perplexity_after": round(after, 3),

@@ -12,15 +12,17 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .data import Document
+from ..data import Document
+from ..files import replacing, write_text_atomic
 
-__all__ = ["Hit", "IndexMismatchError", "VectorIndex"]
+__all__ = ["Hit", "IndexMismatchError", "VectorIndex", "build_index"]
 
 MANIFEST = "index.json"
 _STORE = "docs.sqlite"
@@ -108,10 +110,9 @@ class VectorIndex:
         with self._lock:
             self.manifest["generation"] = _generation(self._db)
             self.manifest["count"] = len(self)
-            faiss.write_index(self._faiss, str(self.folder / (_SNAPSHOT + ".tmp")))
-            (self.folder / (_SNAPSHOT + ".tmp")).replace(self.folder / _SNAPSHOT)
-            (self.folder / (MANIFEST + ".tmp")).write_text(json.dumps(self.manifest, indent=2))
-            (self.folder / (MANIFEST + ".tmp")).replace(self.folder / MANIFEST)
+            with replacing(self.folder / _SNAPSHOT) as partial:
+                faiss.write_index(self._faiss, str(partial))
+            write_text_atomic(self.folder / MANIFEST, json.dumps(self.manifest, indent=2))
 
     # --- reading --------------------------------------------------------------------------
 
@@ -193,6 +194,16 @@ class VectorIndex:
 
     def _bump(self) -> None:
         self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+
+
+def build_index(encoder, docs: list[Document], folder: Path, manifest: dict, batch_tokens: int = 4096) -> dict:
+    """Embed `docs` with `encoder` (anything with `embed_passages`) into a new index at `folder`; returns timings."""
+    started = time.time()
+    vectors = encoder.embed_passages(docs, batch_tokens, desc=f"index {len(docs)} passages")
+    seconds = time.time() - started
+    VectorIndex.create(folder, docs, vectors, manifest)
+    return {"documents": len(docs), "embed_seconds": round(seconds, 1),
+            "passages_per_second": round(len(docs) / max(seconds, 1e-9), 1)}
 
 
 def _connect(path: Path) -> sqlite3.Connection:

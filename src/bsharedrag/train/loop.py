@@ -17,10 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainSettings
-from .progress import progress
+from ..config import TrainSettings
+from ..files import replacing
+from ..progress import progress
 
-__all__ = ["lr_at", "micro_batches", "train_loop", "seed_everything", "step_batches"]
+__all__ = ["FINAL_LOSS_STEPS", "loss_summary", "lr_at", "micro_batches", "train_loop", "seed_everything", "step_batches"]
+
+FINAL_LOSS_STEPS = 5  # `final_loss` is the mean loss of this many last steps
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +71,17 @@ def lr_at(step: int, total: int, settings: TrainSettings) -> float:
 
 
 def _save_checkpoint(folder: Path, named: dict[str, torch.nn.Parameter], optimizer, step: int, losses: list) -> None:
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    torch.save(
-        {
-            "params": {name: p.detach().cpu() for name, p in named.items()},
-            "optimizer": optimizer.state_dict(),
-            "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
-        },
-        partial / "state.pt",
-    )
-    (partial / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)  # a kill during the save leaves the previous checkpoint intact
+    with replacing(folder) as partial:  # a kill during the save leaves the previous checkpoint intact
+        partial.mkdir(parents=True)
+        torch.save(
+            {
+                "params": {name: p.detach().cpu() for name, p in named.items()},
+                "optimizer": optimizer.state_dict(),
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+            },
+            partial / "state.pt",
+        )
+        (partial / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
 
 
 def _load_checkpoint(folder: Path, named: dict[str, torch.nn.Parameter], optimizer) -> tuple[int, list]:
@@ -136,3 +136,10 @@ def train_loop(
     bar.close()
     shutil.rmtree(checkpoint, ignore_errors=True)
     return losses
+
+
+def loss_summary(losses: list[float]) -> dict:
+    """The loss statistics every training stage reports, with one meaning of `final_loss`."""
+    tail = losses[-FINAL_LOSS_STEPS:]
+    return {"steps": len(losses), "first_loss": losses[0] if losses else None,
+            "final_loss": sum(tail) / len(tail) if tail else None}

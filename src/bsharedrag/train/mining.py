@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .config import MineConfig
-from .data import Dataset
-from .progress import progress
+from ..config import MineConfig
+from ..data import Dataset
+from ..progress import progress
 
 __all__ = ["mine_negatives", "random_negatives"]
 

@@ -32,18 +32,18 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .config import GeneratorConfig
-from .data import Dataset, Document
-from .progress import progress
-from .prompt import citation_marker, encode_answer, encode_prompt
-from .training import micro_batches, seed_everything, step_batches, train_loop
+from ..config import GeneratorConfig
+from ..data import Dataset, Document
+from ..model.backbone import GENERATOR
+from ..model.prompt import citation_marker, encode_answer, encode_prompt
+from ..progress import progress
+from .loop import loss_summary, micro_batches, seed_everything, step_batches, train_loop
 
 if TYPE_CHECKING:
-    from .backbone import SharedBackbone
-    from .retriever import DenseRetriever
+    from ..model.backbone import SharedBackbone
+    from ..model.encoder import DenseRetriever
 
 __all__ = [
-    "ADAPTER",
     "IGNORE_INDEX",
     "MAX_ANSWERS_PER_QUERY",
     "Triple",
@@ -56,7 +56,6 @@ __all__ = [
     "train_generator",
 ]
 
-ADAPTER = "generator"
 IGNORE_INDEX = -100
 MAX_ANSWERS_PER_QUERY = 3
 _SEARCH_BATCH = 32  # questions embedded per retriever call
@@ -216,17 +215,11 @@ def train_generator(
         return answer_loss_step(backbone, batch, settings, pad_id)
 
     started = time.perf_counter()
-    with backbone.training(ADAPTER, settings.lora) as named:
+    with backbone.training(GENERATOR, settings.lora) as named:
         losses = train_loop(named, batches, step, settings, out_dir / "checkpoint", "training the generator")
     out_dir.mkdir(parents=True, exist_ok=True)
-    backbone.save_adapter(ADAPTER, out_dir)
-    stats = {
-        "steps": len(losses),
-        "examples": len(triples),
-        "first_loss": losses[0],
-        "final_loss": losses[-1],
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    backbone.save_adapter(GENERATOR, out_dir)
+    stats = {**loss_summary(losses), "examples": len(triples), "seconds": round(time.perf_counter() - started, 2)}
     record = {"stats": stats, "seed": seed, "settings": settings.model_dump(mode="json"), "losses": losses}
     (out_dir / "training.json").write_text(json.dumps(record, indent=2))
     return stats

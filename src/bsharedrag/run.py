@@ -1,0 +1,296 @@
+"""One run folder: where every artefact of a run lies, what built it, and loading what was built.
+
+    RUN/config.yaml                  the settings the run was last built with
+    RUN/<stage>/manifest.json        a finished stage: settings, inputs, fingerprint, statistics, id
+    RUN/<stage>/pending.json         a stage started and not finished (resumable with the same fingerprint)
+    RUN/pretrain/model               the domain backbone (absent when pre-training is off)
+    RUN/mine/negatives.json          the mined hard negatives
+    RUN/retriever, RUN/generator     the adapters; RUN/retriever/side-indexes/<corpus hash> other corpora's indexes
+    RUN/index                        the vector index of the served catalogue
+    RUN/eval/results*.json           evaluations
+    RUN/systems/<name>, RUN/compare  the systems of `bsharedrag compare`, their evaluations, RUN/compare.json
+
+Downstream manifests record the ids of the upstream artefacts they were built from, so rebuilding an
+upstream artefact makes everything built from it stale. This module is the only one that spells a
+path inside a run folder; `pipeline` builds the stages, everything else reads them through `Run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import Config, DatasetRef, EvalConfig, fingerprint, load_config
+from .data import Dataset, load_dataset, read_corpus
+from .files import file_hash, write_text_atomic
+from .model.backbone import GENERATOR, RETRIEVER, SharedBackbone
+
+if TYPE_CHECKING:
+    from .model.encoder import DenseRetriever
+    from .model.index import VectorIndex
+
+__all__ = ["Artefact", "Run", "dataset_id"]
+
+log = logging.getLogger(__name__)
+
+_MANIFEST = "manifest.json"
+_PENDING = "pending.json"
+
+
+def dataset_id(path: Path, split: str) -> str:
+    """A hash of what a dataset split is: its corpus, its queries and its judgements."""
+    path = Path(path)
+    return file_hash(path / "corpus.jsonl", path / "queries.jsonl", path / "qrels" / f"{split}.tsv")
+
+
+class Artefact:
+    """One artefact folder: up to date while its settings and inputs hash to the fingerprint it was built for."""
+
+    def __init__(self, folder: Path, settings: dict, inputs: dict):
+        self.folder = Path(folder)
+        self.settings = settings
+        self.inputs = inputs
+        self.fingerprint = fingerprint(settings, inputs)
+
+    @property
+    def manifest(self) -> dict | None:
+        path = self.folder / _MANIFEST
+        return json.loads(path.read_text()) if path.exists() else None
+
+    @property
+    def results_file(self) -> Path:
+        """Where an evaluation or timing artefact keeps its results."""
+        return self.folder / "results.json"
+
+    def is_fresh(self) -> bool:
+        manifest = self.manifest
+        return manifest is not None and manifest.get("fingerprint") == self.fingerprint
+
+    def start(self) -> None:
+        """Prepare the folder: keep a matching unfinished attempt (to resume), wipe anything else."""
+        pending = self.folder / _PENDING
+        resumable = pending.exists() and json.loads(pending.read_text()).get("fingerprint") == self.fingerprint
+        if not resumable:
+            if self.folder.is_symlink():
+                self.folder.unlink()  # an artefact adopted from another run: rebuild here, leave that one be
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / _MANIFEST).unlink(missing_ok=True)
+        pending.write_text(json.dumps({"fingerprint": self.fingerprint, "started": time.time()}))
+
+    def finish(self, stats: dict, **extra) -> dict:
+        manifest = {
+            "id": uuid.uuid4().hex[:16],
+            "fingerprint": self.fingerprint,
+            "settings": self.settings,
+            "inputs": self.inputs,
+            "stats": stats,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **extra,
+        }
+        write_text_atomic(self.folder / _MANIFEST, json.dumps(manifest, indent=2, default=str))
+        (self.folder / _PENDING).unlink(missing_ok=True)
+        return manifest
+
+
+class Run:
+    """One run folder (`config.run_dir`): its paths, its manifests, and what its stages built, loaded once.
+
+    `reuse` names other run folders whose up-to-date artefacts this run may adopt instead of building them.
+    """
+
+    def __init__(self, config: Config, reuse: list[Path] | tuple = ()):
+        self.config = config
+        self.folder = Path(config.run_dir)
+        self.reuse = [Path(folder) for folder in reuse]
+        self._backbone: SharedBackbone | None = None
+        self._sentence_encoder = None
+        self._datasets: dict[tuple, Dataset] = {}
+
+    @classmethod
+    def open(cls, folder: Path, overrides: list[str] | None = None) -> Run:
+        """The run in `folder`, with the settings it was built with (its config.yaml) and `overrides`."""
+        path = Path(folder) / "config.yaml"
+        return cls(load_config(path if path.exists() else None, overrides, run_dir=str(folder)))
+
+    def with_eval(self, settings: EvalConfig) -> Run:
+        """The same run with other evaluation settings, sharing the loaded backbone and datasets."""
+        other = Run(self.config.model_copy(update={"eval": settings}), self.reuse)
+        self.backbone()  # loaded here, so that every run derived from this one shares it
+        other._backbone, other._sentence_encoder, other._datasets = self._backbone, self._sentence_encoder, self._datasets
+        return other
+
+    # --- paths ----------------------------------------------------------------------------
+
+    def stage_folder(self, stage: str) -> Path:
+        return self.folder / stage
+
+    @property
+    def config_file(self) -> Path:
+        return self.folder / "config.yaml"
+
+    @property
+    def negatives_file(self) -> Path:
+        return self.stage_folder("mine") / "negatives.json"
+
+    @property
+    def index_folder(self) -> Path:
+        return self.stage_folder("index")
+
+    def eval_results(self, data: Path | None = None, split: str | None = None) -> Path:
+        """The results file of the run's own evaluation, or of an evaluation on another dataset split."""
+        if data is None and split is None:
+            return self.stage_folder("eval") / "results.json"
+        return self.stage_folder("eval") / f"results-{Path(data or self.config.eval.data).name}-{split or self.config.eval.split}.json"
+
+    def system_folder(self, name: str) -> Path:
+        return self.folder / "systems" / name
+
+    def compare_folder(self, name: str) -> Path:
+        return self.folder / "compare" / name
+
+    @property
+    def compare_results(self) -> Path:
+        return self.folder / "compare.json"
+
+    @property
+    def report_folder(self) -> Path:
+        return self.folder / "report"
+
+    def save_config(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(self.config_file)
+
+    # --- manifests ------------------------------------------------------------------------
+
+    def artefact(self, stage: str, settings: dict, inputs: dict) -> Artefact:
+        return Artefact(self.stage_folder(stage), settings, inputs)
+
+    def adopt(self, stage: str, artefact: Artefact) -> dict | None:
+        """Link `stage` to the same artefact in a `reuse` run folder, if one was built with this fingerprint."""
+        for other in self.reuse:
+            source = (other / stage).resolve()
+            if source == artefact.folder.resolve() or not (source / _MANIFEST).exists():
+                continue
+            manifest = json.loads((source / _MANIFEST).read_text())
+            if manifest.get("fingerprint") != artefact.fingerprint:
+                continue
+            folder = artefact.folder
+            if folder.is_symlink() or folder.is_file():
+                folder.unlink()
+            elif folder.exists():
+                shutil.rmtree(folder)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.symlink_to(os.path.relpath(source, folder.parent), target_is_directory=True)
+            log.info("%s: adopted %s", stage, source)
+            return manifest
+        return None
+
+    def is_built(self, stage: str) -> bool:
+        return (self.stage_folder(stage) / _MANIFEST).exists()
+
+    def manifest(self, stage: str) -> dict:
+        path = self.stage_folder(stage) / _MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"stage {stage!r} has not been run in {self.folder}; run `bsharedrag {stage}`")
+        return json.loads(path.read_text())
+
+    def ids(self, *stages: str) -> dict[str, str]:
+        """stage -> the id of its finished artefact, for the inputs of what is built from them."""
+        return {stage: self.manifest(stage)["id"] for stage in stages}
+
+    def index_ids(self) -> dict:
+        """What an index of this run must have been built with: the backbone and the retriever artefacts."""
+        return {"backbone": self.manifest("pretrain")["id"], "adapter": self.manifest("retriever")["id"]}
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def dataset(self, ref: DatasetRef) -> Dataset:
+        key = (str(ref.path), ref.split, ref.max_queries)
+        if key not in self._datasets:
+            full = load_dataset(ref.path, ref.split, strict=self.config.strict_data)
+            self._datasets[key] = full.sample(ref.max_queries, self.config.seed)
+        return self._datasets[key]
+
+    @staticmethod
+    def dataset_inputs(refs: list[DatasetRef]) -> list:
+        return [[str(r.path), r.split, r.max_queries, dataset_id(r.path, r.split)] for r in refs]
+
+    # --- what was built -------------------------------------------------------------------
+
+    def backbone_path(self) -> Path:
+        return Path(self.manifest("pretrain")["path"])
+
+    def backbone(self) -> SharedBackbone:
+        """The domain backbone, loaded once; the adapters of later stages are attached to it."""
+        if self._backbone is None:
+            self._backbone = SharedBackbone.load(self.config.backbone, self.backbone_path())
+        return self._backbone
+
+    def release(self) -> None:
+        """Forget the loaded models (the next call loads them again), so that their memory can be freed."""
+        self._backbone = self._sentence_encoder = None
+
+    def adapter(self, name: str) -> str:
+        """Attach the run's adapter `name` to the backbone (once); returns the name."""
+        backbone = self.backbone()
+        if name not in backbone.adapters:
+            backbone.load_adapter(name, self.stage_folder(name))
+        return name
+
+    @property
+    def generator_adapter(self) -> str:
+        """The adapter that writes answers: the retriever's own one in the fully shared architecture."""
+        return RETRIEVER if self.config.architecture == "fully_shared" else GENERATOR
+
+    def encoder(self):
+        """What embeds questions and passages for this run's indexes (see `DenseRetriever`)."""
+        if self.config.architecture == "separate":
+            from .model.baselines import SentenceEncoder
+
+            if self._sentence_encoder is None:
+                self._sentence_encoder = SentenceEncoder(self.config.retriever.encoder_model)
+            return self._sentence_encoder
+        from .model.encoder import Encoder
+
+        return Encoder(self.backbone(), self.config.retriever, self.adapter(RETRIEVER))
+
+    def index_manifest(self, corpus_hash: str) -> dict:
+        """What an index of this run records: the artefacts its vectors come from and how passages were embedded."""
+        return {**self.index_ids(), "corpus": corpus_hash, "passage_prefix": self.config.retriever.passage_prefix,
+                "max_passage_len": self.config.retriever.max_passage_len}
+
+    def index(self, corpus_dir: Path | None = None) -> VectorIndex:
+        """The index of the served catalogue, or of the corpus in `corpus_dir` (built once, then cached).
+
+        Another corpus's index lives in the retriever's artefact folder: it is derived from it alone,
+        and a run that adopts the retriever adopts it too.
+        """
+        from .model.index import VectorIndex, build_index
+
+        ids = self.index_ids()
+        if corpus_dir is None:
+            return VectorIndex.open(self.index_folder, expect=ids)
+        corpus_file = Path(corpus_dir) / "corpus.jsonl"
+        digest = file_hash(corpus_file)
+        if self.manifest("index")["inputs"]["corpus"] == digest:
+            return VectorIndex.open(self.index_folder, expect=ids)
+        side = self.stage_folder("retriever") / "side-indexes" / digest
+        try:
+            return VectorIndex.open(side, expect=ids)
+        except (FileNotFoundError, RuntimeError):
+            docs = read_corpus(corpus_file, self.config.strict_data)
+            build_index(self.encoder(), docs, side, self.index_manifest(digest), self.config.index.batch_tokens)
+            return VectorIndex.open(side, expect=ids)
+
+    def retriever(self, corpus_dir: Path | None = None) -> DenseRetriever:
+        """The run's dense retriever over the served catalogue, or over the corpus in `corpus_dir`."""
+        from .model.encoder import DenseRetriever
+
+        return DenseRetriever(self.encoder(), self.index(corpus_dir))
