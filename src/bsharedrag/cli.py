@@ -10,7 +10,7 @@ from typing import Annotated
 import click
 import typer
 
-from .pipeline import STAGES, stage_names
+from .pipeline import STAGES, run_stages, stage_names
 
 app = typer.Typer(help="Backbone-shared RAG: one language model, a retriever adapter and a generator adapter.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -59,21 +59,20 @@ def _reports_errors(command):
     return reporting
 
 
-def _build(stages: tuple[str, ...], config, overrides, run, force) -> None:
-    from .pipeline import run_stages
-
+def _build(stages: tuple[str, ...], config, overrides, run, force):
+    """Build `stages` of the run the options name, print each stage's statistics; returns the run."""
     _setup_logging()
     built = _run(config, overrides, run)
     for stage, manifest in run_stages(built, stages, force).items():
         typer.echo(f"{stage}: {built.stage_folder(stage)} {manifest.get('stats', {})}")
+    return built
 
 
 @app.command()
 @_reports_errors
 def run(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None, force: ForceOption = False):
     """Run every stage in order: pretrain, mine, train-retriever, index, train-generator, eval."""
-    _build(stage_names(), config, set_, run, force)
-    _print_tables(_run(config, set_, run).eval_results())
+    _print_tables(_build(stage_names(), config, set_, run, force).eval_results())
 
 
 def _stage_command(position: int):

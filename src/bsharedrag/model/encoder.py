@@ -60,13 +60,16 @@ class Encoder:
     def passage_texts(self, docs: list[Document]) -> list[str]:
         return [self.settings.passage_prefix + d.content for d in docs]
 
+    def lengths(self, texts: list[str], max_len: int) -> list[int]:
+        """Tokens of each text as `tokenize` will cut it (at most `max_len`), to sort texts by length."""
+        return [min(len(ids), max_len) for ids in self.backbone.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
     @torch.inference_mode()
     def embed(self, texts: list[str], max_len: int, batch_tokens: int = 4096, desc: str | None = None) -> np.ndarray:
         """(len(texts), dim) float32 embeddings; batches are length-sorted so padding is minimal."""
         if not texts:
             raise ValueError("nothing to embed: the list of texts is empty")
-        tokenizer = self.backbone.tokenizer
-        lengths = [min(len(ids), max_len) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        lengths = self.lengths(texts, max_len)
         order = np.argsort(lengths)[::-1]  # longest first: the largest batch shows memory trouble early
         out = np.zeros((len(texts), self.backbone.base.config.hidden_size), dtype=np.float32)
         bar = progress(total=len(texts), desc=desc, quiet=desc is None)
