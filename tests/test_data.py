@@ -51,3 +51,12 @@ def test_the_strict_error_says_error_not_skipped(tmp_path):
         load_dataset(folder, "train", strict=True)
     assert "malformed line" in str(error.value) and "skipped" not in str(error.value).split("(")[0]
     assert "strict_data" in str(error.value)
+
+
+def test_a_query_with_empty_text_is_a_malformed_line(tmp_path):
+    folder = write_dataset(tmp_path / "blank")
+    with (folder / "queries.jsonl").open("a") as handle:
+        handle.write('{"_id": "blank-q", "text": "   "}\n')
+    lines = len((folder / "queries.jsonl").read_text().splitlines())
+    with pytest.raises(DataError, match=rf"queries.jsonl:{lines}: malformed line \(query blank-q: `text` is empty\)"):
+        load_dataset(folder, "train", strict=True)

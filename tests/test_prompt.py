@@ -75,11 +75,6 @@ def test_without_passages_builds_a_question_only_prompt(tokenizer):
     assert QUESTION in text and "fact number 1" not in text and "[1]" not in text
 
 
-def test_empty_question_raises():
-    with pytest.raises(ValueError, match="question is empty"):
-        build_prompt(tiny_tokenizer(), "   ", [make_doc(1)], GeneratorConfig())
-
-
 def test_template_with_unknown_field_raises():
     settings = GeneratorConfig(user_template="{passages} {question} {product}")
     with pytest.raises(ValueError, match="user_template"):

@@ -82,3 +82,29 @@ def test_grad_cache_gives_the_same_gradients_as_one_pass():
         contrastive_step(Encoder(backbone, settings), batch, settings, random.Random(0))
         grads.append(torch.cat([p.grad.flatten() for p in params]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-3)
+
+
+def test_the_training_attention_kernel_applies_to_the_step_only_and_gives_the_same_gradients():
+    import random
+
+    from bsharedrag.data import Document
+    from bsharedrag.train.retriever import TrainingExample, contrastive_step, training_attention
+
+    docs = [Document(f"d{i}", f"Product {i}", f"fact {i} " * (i + 1)) for i in range(6)]
+    batch = [TrainingExample(f"question {i}", (docs[i],), (docs[(i + 1) % 6],)) for i in range(3)]
+    grads = []
+    for kernel in ("eager", "sdpa"):
+        backbone = tiny_backbone()
+        own = backbone.base.config._attn_implementation
+        settings = RetrieverConfig(batch_size=3, negatives_per_query=1, training_attention=kernel)
+        backbone.add_adapter("retriever", settings.lora)
+        params = backbone.train_adapter("retriever")
+        with torch.no_grad():
+            for param in params:
+                param.normal_(0, 0.05)
+        contrastive_step(Encoder(backbone, settings), batch, settings, random.Random(0))
+        assert backbone.base.config._attn_implementation == own  # inference keeps the model's kernel
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-3)
+    assert training_attention(RetrieverConfig(), "cpu") == "eager"
+    assert training_attention(RetrieverConfig(), "cuda") is None

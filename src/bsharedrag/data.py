@@ -108,6 +108,8 @@ def read_corpus(path: Path, strict: bool = False, skipped: list[str] | None = No
 def _query(row: dict) -> Query:
     if not isinstance(row, dict) or not str(row.get("_id", "")) or not isinstance(row.get("text"), str):
         raise ValueError("a query needs `_id` and a string `text`")
+    if not row["text"].strip():
+        raise ValueError(f"query {row['_id']}: `text` is empty")
     answers = row.get("answers") or []
     if not isinstance(answers, list):
         raise ValueError("`answers` must be a list of strings")

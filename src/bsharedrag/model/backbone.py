@@ -332,6 +332,23 @@ class SharedBackbone:
 
     # --- compute --------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def attention(self, implementation: str | None) -> Iterator[SharedBackbone]:
+        """Run a block with transformers' attention `implementation` ('eager', 'sdpa', ...); None keeps the model's.
+
+        A model whose attention cannot be switched after loading (custom code) keeps its own, with
+        transformers' warning.
+        """
+        previous = self.base.config._attn_implementation
+        if implementation is None or implementation == previous:
+            yield self
+            return
+        self.base.set_attn_implementation(implementation)
+        try:
+            yield self
+        finally:
+            self.base.set_attn_implementation(previous)
+
     def autocast_context(self):
         import torch
 

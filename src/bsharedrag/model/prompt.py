@@ -100,9 +100,7 @@ def encode_prompt(
     tokenizer: PreTrainedTokenizerBase, question: str, passages: list[Document], settings: GeneratorConfig
 ) -> Prompt:
     """Token ids of the prompt ending where the answer starts, and how many passages it holds."""
-    question = question.strip()
-    if not question:
-        raise ValueError("the question is empty; pass the customer's question as text")
+    question = question.strip()  # checked at the boundary: `RAG`'s methods, the serving schemas, the data readers
     if not settings.with_passages:
         return Prompt(_render(tokenizer, CLOSED_BOOK_SYSTEM_PROMPT, f"Question: {question}"), 0)
     bodies = [_token_ids(tokenizer, doc.content)[: settings.max_passage_tokens] for doc in passages]

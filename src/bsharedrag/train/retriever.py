@@ -22,7 +22,7 @@ from ..model.backbone import RETRIEVER, SharedBackbone
 from ..model.encoder import Encoder
 from .loop import loss_summary, step_batches, train_loop
 
-__all__ = ["TrainingExample", "contrastive_step", "info_nce", "train_retriever", "training_examples"]
+__all__ = ["TrainingExample", "contrastive_step", "info_nce", "train_retriever", "training_attention", "training_examples"]
 
 
 def info_nce(
@@ -120,19 +120,27 @@ def contrastive_step(
     for texts, max_len in ((encoder.query_texts(queries), settings.max_query_len),
                            (encoder.passage_texts(passages), settings.max_passage_len)):
         sides.append((texts, _length_groups(encoder, texts, max_len, size), max_len))
-    with torch.no_grad() if cached else contextlib.nullcontext():
-        q, p = (_encode(encoder, texts, groups, max_len) for texts, groups, max_len in sides)
-    if cached:
-        q.requires_grad_(True)
-        p.requires_grad_(True)
-    loss = info_nce(q, p, targets.to(q.device), settings.temperature, mask.to(q.device))
-    (loss * weight).backward()
-    if cached:
-        for (texts, groups, max_len), grads in zip(sides, (q.grad, p.grad), strict=True):
-            for group in groups:
-                reps = encoder.forward(encoder.tokenize([texts[i] for i in group], max_len))
-                (reps * grads[torch.tensor(group, device=grads.device)]).sum().backward()
+    with encoder.backbone.attention(training_attention(settings, encoder.backbone.device)):
+        with torch.no_grad() if cached else contextlib.nullcontext():
+            q, p = (_encode(encoder, texts, groups, max_len) for texts, groups, max_len in sides)
+        if cached:
+            q.requires_grad_(True)
+            p.requires_grad_(True)
+        loss = info_nce(q, p, targets.to(q.device), settings.temperature, mask.to(q.device))
+        (loss * weight).backward()
+        if cached:
+            for (texts, groups, max_len), grads in zip(sides, (q.grad, p.grad), strict=True):
+                for group in groups:
+                    reps = encoder.forward(encoder.tokenize([texts[i] for i in group], max_len))
+                    (reps * grads[torch.tensor(group, device=grads.device)]).sum().backward()
     return loss.item()
+
+
+def training_attention(settings: RetrieverConfig, device: str) -> str | None:
+    """The attention kernel of the training passes (None: the model's own); see `training_attention`."""
+    if settings.training_attention == "auto":
+        return "eager" if device == "cpu" else None
+    return settings.training_attention
 
 
 def train_retriever(
