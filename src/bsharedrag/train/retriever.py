@@ -22,7 +22,9 @@ from ..model.backbone import RETRIEVER, SharedBackbone
 from ..model.encoder import Encoder
 from .loop import loss_summary, step_batches, train_loop
 
-__all__ = ["TrainingExample", "contrastive_step", "info_nce", "train_retriever", "training_attention", "training_examples"]
+__all__ = [
+    "TrainingExample", "contrastive_step", "info_nce", "train_retriever", "training_attention", "training_examples",
+]
 
 
 def info_nce(
@@ -112,6 +114,7 @@ def contrastive_step(
     1. embed everything without gradients; 2. loss and its gradient w.r.t. the embeddings;
     3. re-embed each micro-batch with gradients and back-propagate the cached embedding gradient.
     LoRA dropout is 0 by default; with dropout the two passes would see different masks.
+    Both passes run with the attention kernel of `training_attention`; inference keeps the model's.
     """
     queries, passages, targets, mask = _batch_tensors(batch, settings, rng)
     cached = settings.micro_batch_size is not None and settings.micro_batch_size < len(batch)
