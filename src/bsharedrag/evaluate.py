@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .data import Dataset, load_dataset
 from .files import write_text_atomic
+from .memory import free_memory, trim_heap
 from .metrics import RETRIEVAL_METRICS, generation_metrics, retrieval_metrics
 from .progress import progress
 
@@ -53,6 +54,7 @@ def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict
         if system == "bsharedrag":
             dense_hits = hits
         timings[system] = round(time.time() - started, 1)
+        free_memory()  # a baseline's model and index go before the next system's
     return runs, dense_hits, timings
 
 
@@ -77,12 +79,14 @@ def _generation(run: Run, dataset: Dataset, dense_hits: dict, top_k: int) -> tup
                              max_new_tokens=settings.max_new_tokens)
             predictions[query.id] = answer.text
             citations[query.id] = [c.doc_id for c in answer.citations]
+            trim_heap()  # every answer's cache has another length
         references = {q.id: list(q.answers) for q in queries}
         results[system] = generation_metrics(
             predictions, references, citations, dataset.qrels,
             with_bertscore=True, model_path=settings.bertscore_model,
         )
         outputs[system] = {qid: {"answer": predictions[qid], "citations": citations[qid]} for qid in predictions}
+        free_memory()  # the BERTScore model
     return results, outputs
 
 

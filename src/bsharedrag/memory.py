@@ -7,7 +7,7 @@ import gc
 import resource
 from pathlib import Path
 
-__all__ = ["free_memory", "peak_rss_mib", "reset_peak_rss"]
+__all__ = ["free_memory", "peak_rss_mib", "reset_peak_rss", "trim_heap"]
 
 _STATUS = Path("/proc/self/status")
 
@@ -34,14 +34,30 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def free_memory() -> None:
-    """Collect unreachable objects and hand the heap's free pages back to the system.
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc; elsewhere nothing to do).
 
-    glibc keeps freed blocks below its mmap threshold (which grows up to 32 MiB) in the heap, so
-    without the trim a process keeps much of a finished stage's peak resident.
+    glibc keeps freed blocks below its mmap threshold (which grows up to 32 MiB) in the heap, and
+    tensors of ever-changing shapes fragment it: without a trim the resident memory of a long loop
+    climbs well above what it holds. One trim takes milliseconds, so loops call it once per step.
     """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def free_memory() -> None:
+    """Collect unreachable objects, then trim the heap: between stages and the phases of a stage."""
     gc.collect()
+    trim_heap()
+
+
+def _glibc():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - raises AttributeError where the C library is not glibc
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()

@@ -191,6 +191,8 @@ def _generator(run: Run, folder: Path) -> tuple[dict, dict]:
     datasets = [run.dataset(r) for r in config.generator.datasets]
     retrievers = [run.retriever(dataset.path) for dataset in datasets] if config.generator.with_passages else None
     triples = build_triples(datasets, retrievers, config.generator, config.seed)
+    del retrievers
+    free_memory()  # the heap that embedding the corpora fragmented, before training grows on it
     return train_generator(backbone, triples, config.generator, folder, config.seed), {}
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ..config import TrainSettings
 from ..files import replacing
+from ..memory import trim_heap
 from ..progress import progress
 
 __all__ = ["FINAL_LOSS_STEPS", "loss_summary", "lr_at", "micro_batches", "train_loop", "seed_everything", "step_batches"]
@@ -128,6 +129,7 @@ def train_loop(
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        trim_heap()  # each step's activations differ in shape: without it the heap climbs step by step
         losses.append(float(loss))
         bar.update(1)
         if step % settings.log_every == 0 or step == total - 1:
