@@ -44,6 +44,12 @@ def test_retrieval_half_end_to_end(run):
     with pytest.raises(IndexMismatchError):
         VectorIndex.open(run.stage_folder("index"), expect={"adapter": done["retriever"]["id"]})
 
+    forced = run_stages(Run(changed), ("pretrain", "mine", "retriever", "index"), rebuild=("index",))
+    assert {s: forced[s]["id"] for s in ("pretrain", "mine", "retriever")} == {
+        s: rerun[s]["id"] for s in ("pretrain", "mine", "retriever")}  # only the named stage is rebuilt
+    assert forced["index"]["id"] != rerun["index"]["id"]
+    assert (run.stage_folder("pretrain") / "model" / "config.json").exists()
+
 
 def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path):
     from typer.testing import CliRunner
@@ -88,3 +94,4 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
 
     empty = runner.invoke(app, ["ask", "   ", "--run", folder])
     assert empty.exit_code == 1 and "question" in empty.output
+

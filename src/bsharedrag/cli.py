@@ -18,7 +18,10 @@ app = typer.Typer(help="Backbone-shared RAG: one language model, a retriever ada
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a setting: section.key=value.")]
 RunOption = Annotated[Path | None, typer.Option("--run", "--run-dir", help="Run folder (default: config's run_dir).")]
-ForceOption = Annotated[bool, typer.Option("--force", help="Rebuild even when the artefact is up to date.")]
+ForceOption = Annotated[bool, typer.Option(
+    "--force", help="Rebuild the named stage even when it is up to date (stages built from it follow).")]
+UpstreamOption = Annotated[bool, typer.Option(
+    "--force-upstream", help="Rebuild the stages before the named one too, even when they are up to date.")]
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -59,20 +62,21 @@ def _reports_errors(command):
     return reporting
 
 
-def _build(stages: tuple[str, ...], config, overrides, run, force):
+def _build(stages: tuple[str, ...], config, overrides, run, rebuild: tuple[str, ...] = ()):
     """Build `stages` of the run the options name, print each stage's statistics; returns the run."""
     _setup_logging()
     built = _run(config, overrides, run)
-    for stage, manifest in run_stages(built, stages, force).items():
+    for stage, manifest in run_stages(built, stages, rebuild).items():
         typer.echo(f"{stage}: {built.stage_folder(stage)} {manifest.get('stats', {})}")
     return built
 
 
 @app.command()
 @_reports_errors
-def run(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None, force: ForceOption = False):
+def run(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None,
+        force: Annotated[bool, typer.Option("--force", help="Rebuild every stage, even those up to date.")] = False):
     """Run every stage in order: pretrain, mine, train-retriever, index, train-generator, eval."""
-    _print_tables(_build(stage_names(), config, set_, run, force).eval_results())
+    _print_tables(_build(stage_names(), config, set_, run, stage_names() if force else ()).eval_results())
 
 
 def _stage_command(position: int):
@@ -80,8 +84,10 @@ def _stage_command(position: int):
     stage = STAGES[position]
 
     @_reports_errors
-    def build(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None, force: ForceOption = False):
-        _build(stage_names()[: position + 1], config, set_, run, force)
+    def build(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None, force: ForceOption = False,
+              force_upstream: UpstreamOption = False):
+        stages = stage_names()[: position + 1]
+        _build(stages, config, set_, run, (stages if force_upstream else stages[-1:] if force else ()))
 
     build.__doc__ = stage.summary
     return build

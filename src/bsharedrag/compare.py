@@ -179,8 +179,8 @@ def _evaluation(run: Run, system: System, name: str, data: Path, split: str,
     if artefact.is_fresh():
         return json.loads(artefact.results_file.read_text())
     log.info("compare: evaluating %s on %s", system.name, name)
-    artefact.start()
-    results = evaluate(run.with_eval(eval_settings), data, split, artefact.results_file,
+    building = artefact.start()
+    results = evaluate(run.with_eval(eval_settings), data, split, building / artefact.results_file.name,
                        system.top_k, max_queries)
     artefact.finish({"queries": results["queries"]})
     return results
@@ -193,9 +193,9 @@ def _efficiency(run: Run, settings: CompareConfig) -> dict:
     artefact = Artefact(run.compare_folder("efficiency"), knobs, _upstream_ids(run))
     if not artefact.is_fresh():
         log.info("compare: timing %s", run.folder)
-        artefact.start()
+        building = artefact.start()
         measured = measure_in_subprocess(run.folder, **knobs)
-        artefact.results_file.write_text(json.dumps(measured, indent=2))
+        (building / artefact.results_file.name).write_text(json.dumps(measured, indent=2))
         artefact.finish({})
     return json.loads(artefact.results_file.read_text())
 

@@ -297,8 +297,9 @@ class Config(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
 
-    def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False, allow_unicode=True))
+    def to_yaml(self) -> str:
+        """The settings as the YAML that `load_config` reads back."""
+        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False, allow_unicode=True)
 
 
 def portable_path(path: Path | str) -> str:

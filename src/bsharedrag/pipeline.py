@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +72,7 @@ def _pretrain(run: Run, folder: Path) -> tuple[dict, dict]:
     trainee = SharedBackbone.load(config.backbone, base)
     texts = domain_texts(config.pretrain, config.strict_data)
     stats = pretrain(trainee, texts, config.pretrain, folder / "model", config.seed)
-    return stats, {"path": str((folder / "model").resolve())}
+    return stats, {"model_folder": "model"}  # relative: the artefact is built beside its final folder
 
 
 # --- mine -------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def _mine(run: Run, folder: Path) -> tuple[dict, dict]:
         dataset = run.dataset(ref)
         negatives.update(mine_negatives(dataset, _scorer(run, dataset), config.mine, config.seed,
                                         ref.judged_per_product))
-    run.negatives_file.write_text(json.dumps(negatives))
+    (folder / run.negatives_file.name).write_text(json.dumps(negatives))
     counts = [len(v) for v in negatives.values()]
     return {"queries": len(negatives), "mean_negatives": sum(counts) / max(1, len(counts))}, {}
 
@@ -208,7 +208,7 @@ def _eval_inputs(run: Run) -> tuple[dict, dict]:
 def _eval(run: Run, folder: Path) -> tuple[dict, dict]:
     from .evaluate import evaluate
 
-    results = evaluate(run, run.config.eval.data, run.config.eval.split, run.eval_results())
+    results = evaluate(run, run.config.eval.data, run.config.eval.split, folder / run.eval_results().name)
     return {"queries": results["queries"]}, {}
 
 
@@ -230,16 +230,21 @@ def stage_names() -> tuple[str, ...]:
     return tuple(stage.name for stage in STAGES)
 
 
-def run_stages(run: Run | Config, stages: tuple[str, ...] | None = None, force: bool = False) -> dict[str, dict]:
-    """Build (or resume) `stages` of `run` in table order, skipping those up to date; returns their manifests."""
+def run_stages(run: Run | Config, stages: tuple[str, ...] | None = None, rebuild: Collection[str] = ()
+               ) -> dict[str, dict]:
+    """Build (or resume) `stages` of `run` in table order, skipping those up to date; returns their manifests.
+
+    The stages named in `rebuild` are built again even when up to date (what was built from them is
+    then stale and rebuilt too); each keeps its previous artefact until the new one is complete.
+    """
     run = run if isinstance(run, Run) else Run(run)
     names = stage_names()
     stages = names if stages is None else tuple(stages)
-    unknown = [s for s in stages if s not in names]
+    unknown = [s for s in (*stages, *rebuild) if s not in names]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {list(names)}")
     run.save_config()
-    return {stage.name: _run_stage(run, stage, force) for stage in STAGES if stage.name in stages}
+    return {stage.name: _run_stage(run, stage, stage.name in rebuild) for stage in STAGES if stage.name in stages}
 
 
 def _run_stage(run: Run, stage: Stage, force: bool) -> dict:
@@ -252,8 +257,7 @@ def _run_stage(run: Run, stage: Stage, force: bool) -> dict:
     log.info("%s: building %s", stage.name, artefact.folder)
     started = time.time()
     measured = reset_peak_rss()
-    artefact.start()
-    stats, extra = stage.build(run, artefact.folder)
+    stats, extra = stage.build(run, artefact.start())
     stats["stage_seconds"] = round(time.time() - started, 1)
     if measured:
         stats["peak_rss_mib"] = round(peak_rss_mib())  # this stage's own peak, what earlier stages left included

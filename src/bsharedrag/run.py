@@ -2,7 +2,8 @@
 
     RUN/config.yaml                  the settings the run was last built with
     RUN/<stage>/manifest.json        a finished stage: settings, inputs, fingerprint, statistics, id
-    RUN/<stage>/pending.json         a stage started and not finished (resumable with the same fingerprint)
+    RUN/.<stage>.building            a stage being built (pending.json: resumable with the same fingerprint);
+                                     it replaces RUN/<stage> only once complete, so a failed rebuild loses nothing
     RUN/pretrain/model               the domain backbone (absent when pre-training is off)
     RUN/mine/negatives.json          the mined hard negatives
     RUN/retriever, RUN/generator     the adapters; RUN/retriever/side-indexes/<corpus hash> other corpora's indexes
@@ -57,6 +58,7 @@ class Artefact:
         self.settings = settings
         self.inputs = inputs
         self.fingerprint = fingerprint(settings, inputs)
+        self._recover()
 
     @property
     def manifest(self) -> dict | None:
@@ -72,19 +74,24 @@ class Artefact:
         manifest = self.manifest
         return manifest is not None and manifest.get("fingerprint") == self.fingerprint
 
-    def start(self) -> None:
-        """Prepare the folder: keep a matching unfinished attempt (to resume), wipe anything else."""
-        pending = self.folder / _PENDING
+    def start(self) -> Path:
+        """The folder to build the artefact in, beside the finished one, which stays until `finish`.
+
+        A matching unfinished attempt there is kept (to resume); any other is wiped.
+        """
+        self._recover()
+        building = self._beside("building")
+        pending = building / _PENDING
         resumable = pending.exists() and json.loads(pending.read_text()).get("fingerprint") == self.fingerprint
         if not resumable:
-            if self.folder.is_symlink():
-                self.folder.unlink()  # an artefact adopted from another run: rebuild here, leave that one be
-            shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / _MANIFEST).unlink(missing_ok=True)
+            _remove(building)
+        building.mkdir(parents=True, exist_ok=True)
         pending.write_text(json.dumps({"fingerprint": self.fingerprint, "started": time.time()}))
+        return building
 
     def finish(self, stats: dict, **extra) -> dict:
+        """Write the manifest of what `start`'s folder holds, then swap it in for the previous artefact."""
+        building = self._beside("building")
         manifest = {
             "id": uuid.uuid4().hex[:16],
             "fingerprint": self.fingerprint,
@@ -94,9 +101,35 @@ class Artefact:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **extra,
         }
-        write_text_atomic(self.folder / _MANIFEST, json.dumps(manifest, indent=2, default=str))
-        (self.folder / _PENDING).unlink(missing_ok=True)
+        write_text_atomic(building / _MANIFEST, json.dumps(manifest, indent=2, default=str))
+        (building / _PENDING).unlink(missing_ok=True)
+        previous = self._beside("previous")
+        _remove(previous)
+        if self.folder.exists() or self.folder.is_symlink():
+            self.folder.rename(previous)  # an adopted artefact is a link: the other run's folder stays as it is
+        building.rename(self.folder)
+        _remove(previous)
         return manifest
+
+    def _beside(self, role: str) -> Path:
+        return self.folder.with_name(f".{self.folder.name}.{role}")
+
+    def _recover(self) -> None:
+        """Complete a swap that a kill interrupted between its two renames."""
+        previous = self._beside("previous")
+        if not (previous.exists() or previous.is_symlink()):
+            return
+        if not (self.folder.exists() or self.folder.is_symlink()):
+            building = self._beside("building")
+            (building if (building / _MANIFEST).exists() else previous).rename(self.folder)
+        _remove(previous)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 class Run:
@@ -165,7 +198,9 @@ class Run:
 
     def save_config(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.config.save(self.config_file)
+        text = self.config.to_yaml()
+        if not (self.config_file.exists() and self.config_file.read_text() == text):  # untouched when unchanged
+            write_text_atomic(self.config_file, text)
 
     # --- manifests ------------------------------------------------------------------------
 
@@ -182,10 +217,7 @@ class Run:
             if manifest.get("fingerprint") != artefact.fingerprint:
                 continue
             folder = artefact.folder
-            if folder.is_symlink() or folder.is_file():
-                folder.unlink()
-            elif folder.exists():
-                shutil.rmtree(folder)
+            _remove(folder)
             folder.parent.mkdir(parents=True, exist_ok=True)
             folder.symlink_to(os.path.relpath(source, folder.parent), target_is_directory=True)
             log.info("%s: adopted %s", stage, source)
@@ -225,7 +257,11 @@ class Run:
     # --- what was built -------------------------------------------------------------------
 
     def backbone_path(self) -> Path:
-        return Path(self.manifest("pretrain")["path"])
+        """The trained domain backbone (`model` inside the pretrain artefact), or the base model it skipped."""
+        manifest = self.manifest("pretrain")
+        if "model_folder" in manifest:
+            return self.stage_folder("pretrain") / manifest["model_folder"]
+        return Path(manifest["path"])
 
     def backbone(self) -> SharedBackbone:
         """The domain backbone, loaded once; the adapters of later stages are attached to it."""
