@@ -69,6 +69,10 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
     assert found.exit_code == 0, found.output
     assert "p1-d" in found.output or "-d" in found.output
 
+    refused = runner.invoke(app, ["search", "kettle?", "--run", folder, "--set", "retriever.temperature=0.5"])
+    assert refused.exit_code == 1 and "retriever.temperature=" in refused.output and "(given 0.5)" in refused.output
+    applied = runner.invoke(app, ["search", "kettle?", "--run", folder, "--set", "serve.port=9999"])
+    assert applied.exit_code == 0, applied.output  # a setting no stage was built with applies
     asked = runner.invoke(app, ["ask", "does the kettle have a steel lid?", "--run", folder, "--max-new-tokens", "4"])
     assert asked.exit_code == 0, asked.output
     assert "[1]" in asked.output  # the passages list

@@ -10,7 +10,7 @@ from typing import Annotated
 import click
 import typer
 
-from .pipeline import STAGES, run_stages, stage_names
+from .pipeline import STAGES, refuse_unbuilt_settings, run_stages, stage_names
 
 app = typer.Typer(help="Backbone-shared RAG: one language model, a retriever adapter and a generator adapter.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -41,6 +41,16 @@ def _run(config: Path | None, overrides: list[str] | None, run: Path | None = No
     if config is None and run is not None:
         return Run.open(run, overrides)
     return Run(load_config(config, overrides, **({"run_dir": str(run)} if run is not None else {})))
+
+
+def _built_run(config: Path | None, overrides: list[str] | None, run: Path | None = None, redoes=("eval",)):
+    """The run the options name, for a command that reads what was built: settings it cannot apply are refused."""
+    if run is not None and not Path(run).is_dir():
+        raise FileNotFoundError(f"no run folder {run}; build one with `bsharedrag run --run {run}`")
+    opened = _run(config, overrides, run)
+    if overrides or config is not None:
+        refuse_unbuilt_settings(opened, _run(None, None, opened.folder), skip=redoes)
+    return opened
 
 
 _USER_ERRORS = (FileNotFoundError, ValueError, KeyError, RuntimeError)
@@ -109,7 +119,7 @@ def search(question: str, top_k: Annotated[int, typer.Option("--top-k", "-k")] =
 
     from .rag import load_rag
 
-    rag = load_rag(_run(config, set_, run), with_generator=False)
+    rag = load_rag(_built_run(config, set_, run), with_generator=False)
     hits = rag.search(question, top_k=top_k, product_id=product_id)
     table = Table("rank", "score", "id", "passage")
     for rank, hit in enumerate(hits, 1):
@@ -126,7 +136,7 @@ def ask(question: str, top_k: Annotated[int | None, typer.Option("--top-k", "-k"
     """Answer a question from retrieved passages, streamed, with the cited passages listed."""
     from .rag import Answer, load_rag
 
-    rag = load_rag(_run(config, set_, run))
+    rag = load_rag(_built_run(config, set_, run))
     answer = None
     for chunk in rag.stream(question, top_k=top_k, product_id=product_id, max_new_tokens=max_new_tokens):
         if isinstance(chunk, Answer):
@@ -151,7 +161,7 @@ def eval_(run: RunOption = None,
     from .evaluate import evaluate
 
     _setup_logging()
-    evaluated = _run(config, set_, run)
+    evaluated = _built_run(config, set_, run)
     settings = evaluated.config.eval
     output = output or evaluated.eval_results(data or settings.data, split or settings.split)
     evaluate(evaluated, data or settings.data, split or settings.split, output)
@@ -227,7 +237,7 @@ def serve(run: RunOption = None, host: HostOption = None, port: PortOption = Non
     from .serving import serve as serve_run
 
     _setup_logging()
-    serve_run(_run(config, set_, run), host, port)
+    serve_built_run(_run(config, set_, run), host, port)
 
 
 docs_app = typer.Typer(help="Update a run's catalogue (its index) without rebuilding it.", no_args_is_help=True)
@@ -241,7 +251,7 @@ def docs_add(file: Annotated[Path, typer.Argument(help="A corpus.jsonl file: _id
     """Insert or replace the documents of a JSONL file, embedded with the retriever adapter (all or none)."""
     from .serving import read_documents, serving_lock, upsert_documents
 
-    catalogue = _run(config, set_, run)
+    catalogue = _built_run(config, set_, run)
     docs = read_documents(file)
     with serving_lock(catalogue.index_folder, holder="`bsharedrag docs add`"):
         retriever = catalogue.retriever()  # the encoder and the index; no generator
@@ -263,7 +273,7 @@ def docs_rm(ids: Annotated[list[str] | None, typer.Argument(help="Ids of the doc
     ids = list(ids or []) + (read_document_ids(ids_file) if ids_file is not None else [])
     if not ids:
         raise ValueError("name the ids to remove as arguments or in a file with --ids-file")
-    folder = _run(config, set_, run).index_folder
+    folder = _built_run(config, set_, run).index_folder
     with serving_lock(folder, holder="`bsharedrag docs rm`"):
         index = VectorIndex.open(folder)
         missing = delete_documents(index, ids)

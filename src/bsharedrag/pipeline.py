@@ -31,7 +31,7 @@ from .memory import free_memory, peak_rss_mib, reset_peak_rss
 from .model.backbone import GENERATOR, RETRIEVER, SharedBackbone, resolve_model_source
 from .run import Run, dataset_id
 
-__all__ = ["STAGES", "Stage", "run_stages", "stage_names"]
+__all__ = ["STAGES", "Stage", "refuse_unbuilt_settings", "run_stages", "stage_names"]
 
 log = logging.getLogger(__name__)
 
@@ -263,3 +263,31 @@ def _run_stage(run: Run, stage: Stage, force: bool) -> dict:
         stats["peak_rss_mib"] = round(peak_rss_mib())  # this stage's own peak, what earlier stages left included
     free_memory()  # what the stage built and dropped (a trainee model, optimiser state) goes before the next one
     return artefact.finish(stats, **extra)
+
+
+def refuse_unbuilt_settings(run: Run, built_with: Run, skip: tuple[str, ...] = ("eval",)) -> None:
+    """Raise ValueError when `run`'s settings differ from `built_with`'s where a built stage depends on them.
+
+    A command that reads a built run (search, ask, serve, docs, eval) cannot apply such a setting: it
+    would answer with what the run was built with. `skip` names the stages the command itself redoes.
+    """
+    changed = [stage.name for stage in STAGES if stage.name not in skip and run.is_built(stage.name)
+               and run.artefact(stage.name, *stage.inputs(run)).fingerprint != run.manifest(stage.name)["fingerprint"]]
+    if not changed:
+        return
+    ours, theirs = _flat(json.loads(run.config.model_dump_json())), _flat(json.loads(built_with.config.model_dump_json()))
+    differences = ", ".join(f"{key}={theirs.get(key)!r} (given {ours.get(key)!r})"
+                            for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key))
+    raise ValueError(f"{run.folder} was built with {differences}: this command cannot apply a setting that "
+                     f"stage(s) {', '.join(changed)} were built with; leave it out, or rebuild with "
+                     f"`bsharedrag run --run {run.folder} --set ...`")
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
