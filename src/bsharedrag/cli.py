@@ -45,9 +45,9 @@ def _run(config: Path | None, overrides: list[str] | None, run: Path | None = No
 
 def _built_run(config: Path | None, overrides: list[str] | None, run: Path | None = None, redoes=("eval",)):
     """The run the options name, for a command that reads what was built: settings it cannot apply are refused."""
+    opened = _run(config, overrides, run)
     if run is not None and not Path(run).is_dir():
         raise FileNotFoundError(f"no run folder {run}; build one with `bsharedrag run --run {run}`")
-    opened = _run(config, overrides, run)
     if overrides or config is not None:
         refuse_unbuilt_settings(opened, _run(None, None, opened.folder), skip=redoes)
     return opened
@@ -237,7 +237,7 @@ def serve(run: RunOption = None, host: HostOption = None, port: PortOption = Non
     from .serving import serve as serve_run
 
     _setup_logging()
-    serve_built_run(_run(config, set_, run), host, port)
+    serve_run(_built_run(config, set_, run), host, port)
 
 
 docs_app = typer.Typer(help="Update a run's catalogue (its index) without rebuilding it.", no_args_is_help=True)
