@@ -116,6 +116,8 @@ def test_cli_docs_add_and_rm(run_copy, tmp_path):
     from_file = runner.invoke(cli, ["docs", "rm", "--ids-file", str(ids), "--run", run])
     assert from_file.exit_code == 0 and "removed 1 documents; the index holds 24" in from_file.output
     assert runner.invoke(cli, ["docs", "rm", "--run", run]).exit_code == 1
+    unknown = runner.invoke(cli, ["docs", "rm", "nope", "--run", run])
+    assert unknown.exit_code == 1 and "none of the ids is in the index (nope)" in unknown.output
 
     corpus.write_text('{"_id": "bad\\nid", "text": "x"}\n')
     refused = runner.invoke(cli, ["docs", "add", str(corpus), "--run", run])

@@ -278,6 +278,8 @@ def docs_rm(ids: Annotated[list[str] | None, typer.Argument(help="Ids of the doc
         index = VectorIndex.open(folder)
         missing = delete_documents(index, ids)
         index.save()
+    if set(missing) == set(ids):
+        raise ValueError(f"none of the ids is in the index ({', '.join(missing)}); nothing was removed")
     if missing:
         typer.secho(f"not in the index: {', '.join(missing)}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"removed {len(set(ids) - set(missing))} documents; the index holds {len(index)}")
