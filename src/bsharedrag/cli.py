@@ -43,13 +43,13 @@ def _run(config: Path | None, overrides: list[str] | None, run: Path | None = No
     return Run(load_config(config, overrides, **({"run_dir": str(run)} if run is not None else {})))
 
 
-def _built_run(config: Path | None, overrides: list[str] | None, run: Path | None = None, redoes=("eval",)):
+def _built_run(config: Path | None, overrides: list[str] | None, run: Path | None = None):
     """The run the options name, for a command that reads what was built: settings it cannot apply are refused."""
     opened = _run(config, overrides, run)
     if run is not None and not Path(run).is_dir():
         raise FileNotFoundError(f"no run folder {run}; build one with `bsharedrag run --run {run}`")
     if overrides or config is not None:
-        refuse_unbuilt_settings(opened, _run(None, None, opened.folder), skip=redoes)
+        refuse_unbuilt_settings(opened, _run(None, None, opened.folder))
     return opened
 
 

@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["file_hash", "replacing", "write_text_atomic"]
+__all__ = ["file_hash", "remove_path", "replacing", "write_text_atomic"]
 
 
 def file_hash(*paths: Path) -> str:
@@ -22,7 +22,8 @@ def file_hash(*paths: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a file, a link (not what it points at) or a folder tree; nothing where there is none."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
@@ -35,14 +36,14 @@ def replacing(target: Path) -> Iterator[Path]:
     `target`'s place in one rename, so a kill mid-write leaves the old `target` (or none), never half a new one."""
     target = Path(target)
     partial = target.with_name(target.name + ".partial")
-    _remove(partial)
+    remove_path(partial)
     try:
         yield partial
     except BaseException:
-        _remove(partial)
+        remove_path(partial)
         raise
     if partial.is_dir() and target.exists():
-        _remove(target)  # a rename cannot replace a folder that has content
+        remove_path(target)  # a rename cannot replace a folder that has content
     os.replace(partial, target)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from .config import Config, DatasetRef, EvalConfig, fingerprint, load_config
 from .data import Dataset, load_dataset, read_corpus
-from .files import file_hash, write_text_atomic
+from .files import file_hash, remove_path, write_text_atomic
 from .model.backbone import GENERATOR, RETRIEVER, SharedBackbone
 
 if TYPE_CHECKING:
@@ -79,12 +78,11 @@ class Artefact:
 
         A matching unfinished attempt there is kept (to resume); any other is wiped.
         """
-        self._recover()
         building = self._beside("building")
         pending = building / _PENDING
         resumable = pending.exists() and json.loads(pending.read_text()).get("fingerprint") == self.fingerprint
         if not resumable:
-            _remove(building)
+            remove_path(building)
         building.mkdir(parents=True, exist_ok=True)
         pending.write_text(json.dumps({"fingerprint": self.fingerprint, "started": time.time()}))
         return building
@@ -103,12 +101,11 @@ class Artefact:
         }
         write_text_atomic(building / _MANIFEST, json.dumps(manifest, indent=2, default=str))
         (building / _PENDING).unlink(missing_ok=True)
-        previous = self._beside("previous")
-        _remove(previous)
+        previous = self._beside("previous")  # none: opening the artefact completed any interrupted swap
         if self.folder.exists() or self.folder.is_symlink():
             self.folder.rename(previous)  # an adopted artefact is a link: the other run's folder stays as it is
         building.rename(self.folder)
-        _remove(previous)
+        remove_path(previous)
         return manifest
 
     def _beside(self, role: str) -> Path:
@@ -122,14 +119,7 @@ class Artefact:
         if not (self.folder.exists() or self.folder.is_symlink()):
             building = self._beside("building")
             (building if (building / _MANIFEST).exists() else previous).rename(self.folder)
-        _remove(previous)
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
+        remove_path(previous)
 
 
 class Run:
@@ -217,7 +207,7 @@ class Run:
             if manifest.get("fingerprint") != artefact.fingerprint:
                 continue
             folder = artefact.folder
-            _remove(folder)
+            remove_path(folder)
             folder.parent.mkdir(parents=True, exist_ok=True)
             folder.symlink_to(os.path.relpath(source, folder.parent), target_is_directory=True)
             log.info("%s: adopted %s", stage, source)
