@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from .config import Config, DatasetRef, EvalConfig, fingerprint, load_config
 from .data import Dataset, load_dataset, read_corpus
-from .files import file_hash, remove_path, write_text_atomic
+from .files import file_hash, remove_path, settle, swap_in, write_text_atomic
 from .model.backbone import GENERATOR, RETRIEVER, SharedBackbone
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class Artefact:
         self.settings = settings
         self.inputs = inputs
         self.fingerprint = fingerprint(settings, inputs)
-        self._recover()
+        settle(self.folder, self._beside("building"))  # a kill between the swap's two renames
 
     @property
     def manifest(self) -> dict | None:
@@ -101,25 +101,11 @@ class Artefact:
         }
         write_text_atomic(building / _MANIFEST, json.dumps(manifest, indent=2, default=str))
         (building / _PENDING).unlink(missing_ok=True)
-        previous = self._beside("previous")  # none: opening the artefact completed any interrupted swap
-        if self.folder.exists() or self.folder.is_symlink():
-            self.folder.rename(previous)  # an adopted artefact is a link: the other run's folder stays as it is
-        building.rename(self.folder)
-        remove_path(previous)
+        swap_in(building, self.folder)  # an adopted artefact is a link: the other run's folder stays as it is
         return manifest
 
     def _beside(self, role: str) -> Path:
         return self.folder.with_name(f".{self.folder.name}.{role}")
-
-    def _recover(self) -> None:
-        """Complete a swap that a kill interrupted between its two renames."""
-        previous = self._beside("previous")
-        if not (previous.exists() or previous.is_symlink()):
-            return
-        if not (self.folder.exists() or self.folder.is_symlink()):
-            building = self._beside("building")
-            (building if (building / _MANIFEST).exists() else previous).rename(self.folder)
-        remove_path(previous)
 
 
 class Run:

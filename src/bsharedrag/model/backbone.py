@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import BackboneConfig, LoraSettings, fingerprint
-from ..files import replacing
+from ..files import replacing, settled
 
 if TYPE_CHECKING:
     import torch
@@ -121,7 +121,7 @@ def resolve_model_source(config: BackboneConfig) -> Path | str:
         raise FileNotFoundError(f"GGUF file {folder / gguf_file} does not exist")
     stat = (folder / gguf_file).stat()
     target = Path(config.cache_dir) / f"{Path(gguf_file).stem}-{fingerprint(str(folder), stat.st_size)}"
-    if not (target / BACKBONE_MANIFEST).exists():
+    if not (settled(target) / BACKBONE_MANIFEST).exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(folder, gguf_file, target)
     return target

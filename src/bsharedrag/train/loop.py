@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainSettings
-from ..files import replacing
+from ..files import replacing, settled
 from ..memory import trim_heap
 from ..progress import progress
 
@@ -112,10 +112,11 @@ def train_loop(
     params = list(named_params.values())
     if not params:
         raise ValueError("no trainable parameters were given to the training loop")
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    # fused: one in-place kernel over all parameters, without a temporary copy of each
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
     start, losses = 0, []
     checkpoint = Path(checkpoint_dir)
-    if (checkpoint / "state.pt").exists():
+    if (settled(checkpoint) / "state.pt").exists():
         start, losses = _load_checkpoint(checkpoint, named_params, optimizer)
         log.info("%s: resuming from step %d of %d", description, start, len(batches))
     total = len(batches)
