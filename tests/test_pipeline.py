@@ -68,6 +68,7 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
     found = runner.invoke(app, ["search", "Acme Kettle 1.7L: how long to boil?", "--run", folder, "-k", "2"])
     assert found.exit_code == 0, found.output
     assert "p1-d" in found.output or "-d" in found.output
+    assert "product" in found.stdout and "Loading" not in found.stdout  # logs and bars go to standard error
 
     refused = runner.invoke(app, ["search", "kettle?", "--run", folder, "--set", "retriever.temperature=0.5"])
     assert refused.exit_code == 1 and "retriever.temperature=" in refused.output and "(given 0.5)" in refused.output
@@ -75,7 +76,7 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
     assert applied.exit_code == 0, applied.output  # a setting no stage was built with applies
     asked = runner.invoke(app, ["ask", "does the kettle have a steel lid?", "--run", folder, "--max-new-tokens", "4"])
     assert asked.exit_code == 0, asked.output
-    assert "[1]" in asked.output  # the passages list
+    assert "[1]" in asked.output and "(* cited in the answer)" in asked.stdout  # the passages list
 
     output = tmp_path / "other.json"
     evaluated = runner.invoke(app, ["eval", "--run", folder, "--data", str(tiny_dataset), "--split", "train",
@@ -83,6 +84,11 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(output.read_text())["split"] == "train"
     assert "| bsharedrag |" in evaluated.output
+    assert evaluated.stdout.lstrip().startswith("retrieval (")  # the results alone: the logs went to stderr
+    counted = runner.invoke(app, ["eval", "--run", folder, "--data", str(tiny_dataset), "--split", "train",
+                                  "--output", str(output), "--set", "eval.max_generation_queries=1"])
+    assert counted.exit_code == 0, counted.output
+    assert "generation (" in counted.stdout and ", 1 queries)" in counted.stdout  # the count it was computed on
     assert json.loads(output.read_text())["data_losses"] == {"skipped_lines": [], "dropped_judgements": 0,
                                                             "dropped_queries": 0}
 

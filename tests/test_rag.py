@@ -3,7 +3,7 @@ from tiny import FakeRetriever, make_doc, tiny_backbone
 
 from bsharedrag import rag as rag_module
 from bsharedrag.config import GeneratorConfig, LoraSettings
-from bsharedrag.rag import RAG, Answer, Citation
+from bsharedrag.rag import RAG, Answer, Citation, Retrieved
 
 DOCS = [make_doc(1), make_doc(2, title="Crisper drawer"), make_doc(3)]
 
@@ -44,11 +44,13 @@ def test_ask_with_the_tiny_model_returns_a_consistent_answer(backbone, retriever
     assert all(1 <= citation.number <= 2 for citation in answer.citations)
 
 
-def test_stream_yields_text_chunks_then_the_answer(backbone, retriever):
+def test_stream_yields_the_passages_then_text_chunks_then_the_answer(backbone, retriever):
     parts = list(RAG(backbone, retriever, GeneratorConfig()).stream("Is it waterproof?", max_new_tokens=10))
-    *chunks, answer = parts
+    retrieved, *chunks, answer = parts
+    assert isinstance(retrieved, Retrieved)
     assert chunks and all(isinstance(chunk, str) for chunk in chunks)
     assert isinstance(answer, Answer) and answer.text == "".join(chunks).strip()
+    assert retrieved.passages == answer.passages
 
 
 def test_passages_cut_from_the_prompt_are_not_returned(backbone, monkeypatch):
@@ -114,7 +116,7 @@ def test_unknown_adapter_raises(backbone, retriever):
 ])
 def test_markers_of_passages_not_given_never_reach_the_stream(backbone, retriever, monkeypatch, chunks, expected):
     monkeypatch.setattr(rag_module, "stream_tokens", _scripted(chunks))
-    *streamed, answer = RAG(backbone, retriever, GeneratorConfig()).stream("Does it fit?")
+    _, *streamed, answer = RAG(backbone, retriever, GeneratorConfig()).stream("Does it fit?")
     assert streamed == expected and answer.text == "".join(expected).strip()
     assert all(1 <= c.number <= 3 for c in answer.citations)
 

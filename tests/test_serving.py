@@ -53,7 +53,8 @@ def test_ask_streams_tokens_then_the_same_answer(client):
     with client.stream("POST", "/v1/ask", json={"question": QUESTION, "stream": True}) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = sse_events(response.read().decode())
-    *tokens, (last_event, last_data) = events
+    (first_event, first_data), *tokens, (last_event, last_data) = events
+    assert first_event == "passages" and json.loads(first_data)["passages"] == plain["passages"]  # before any text
     assert tokens and {event for event, _ in tokens} == {"token"}
     assert last_event == "answer" and json.loads(last_data) == plain  # greedy decoding: the same answer
     assert "".join(json.loads(data)["text"] for _, data in tokens).strip() == plain["answer"]
@@ -153,4 +154,7 @@ def test_web_page_and_its_assets_are_served(client):
     page = client.get("/")
     assert page.status_code == 200 and 'id="question"' in page.text and 'id="admin-status"' in page.text
     assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200
+    for icon in ("/favicon.ico", "/static/favicon.svg"):  # browsers ask for /favicon.ico whatever the page says
+        response = client.get(icon)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("image/svg+xml")
     assert "/v1/search" in client.get("/openapi.json").json()["paths"]

@@ -80,3 +80,24 @@ def test_admin_view_adds_finds_and_removes_a_document(page):
     expect(page.locator("#admin-status")).to_contain_text("Removed web-1")
     page.click("#find")
     expect(page.locator("#admin-status")).to_contain_text("no document with id 'web-1'")
+
+
+def test_at_phone_width_every_field_keeps_a_usable_width_and_nothing_scrolls_sideways(page):
+    page.set_viewport_size({"width": 390, "height": 844})
+    for field in ("#question", "#product", "#ask"):
+        box = page.locator(field).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, field
+    assert page.locator("#product").bounding_box()["width"] >= 250
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.locator("#disclaimer").is_visible()
+
+
+def test_a_product_filter_that_matches_nothing_shows_no_invented_answer(page):
+    from playwright.sync_api import expect
+
+    page.fill("#question", "Is it waterproof?")
+    page.fill("#product", "NOPE-1")
+    page.click("#ask")
+    expect(page.locator("#ask-status")).to_contain_text("No passage matched")
+    expect(page.locator("#answer")).to_contain_text("no passage")
+    assert page.locator("#passages li").count() == 0 and page.locator("#answer .cite").count() == 0

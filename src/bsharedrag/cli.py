@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -24,13 +26,33 @@ UpstreamOption = Annotated[bool, typer.Option(
     "--force-upstream", help="Rebuild the stages before the named one too, even when they are up to date.")]
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    from rich.logging import RichHandler
+def _setup_logging(level: int = logging.INFO) -> None:
+    """Logs to standard error (results alone go to standard output): ours at `level`, other libraries' at WARNING."""
+    import warnings
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False)], force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "jieba"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from rich.console import Console
+    from rich.logging import RichHandler
+    from transformers.utils import logging as transformers_logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True,
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+    logging.getLogger("bsharedrag").setLevel(level)
+    logging.captureWarnings(True)
+    transformers_logging.set_verbosity(max(level, logging.WARNING))
+    if level > logging.DEBUG:  # other libraries' deprecation notices and weight-loading bars are for their developers
+        transformers_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@app.callback()
+def _options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debugging detail.")] = False,
+             quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log warnings and errors only.")] = False):
+    if verbose and quiet:
+        raise typer.BadParameter("--verbose and --quiet exclude each other")
+    if quiet:
+        os.environ["BSHAREDRAG_NO_PROGRESS"] = "1"
+    _setup_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 def _run(config: Path | None, overrides: list[str] | None, run: Path | None = None):
@@ -74,11 +96,20 @@ def _reports_errors(command):
 
 def _build(stages: tuple[str, ...], config, overrides, run, rebuild: tuple[str, ...] = ()):
     """Build `stages` of the run the options name, print each stage's statistics; returns the run."""
-    _setup_logging()
+    from rich.console import Console
+    from rich.table import Table
+
     built = _run(config, overrides, run)
+    table = Table("stage", "folder", "statistics", title="stages")
     for stage, manifest in run_stages(built, stages, rebuild).items():
-        typer.echo(f"{stage}: {built.stage_folder(stage)} {manifest.get('stats', {})}")
+        stats = manifest.get("stats", {})
+        table.add_row(stage, str(built.stage_folder(stage)), ", ".join(f"{k} {_number(v)}" for k, v in stats.items()))
+    Console().print(table)
     return built
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @app.command()
@@ -110,7 +141,7 @@ for _position, _stage in enumerate(STAGES):
 
 @app.command()
 @_reports_errors
-def search(question: str, top_k: Annotated[int, typer.Option("--top-k", "-k")] = 5,
+def search(question: str, top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, max=100)] = 5,
            product_id: Annotated[str | None, typer.Option(help="Only this product's passages.")] = None,
            run: RunOption = None, config: ConfigOption = None, set_: SetOption = None):
     """Print the top-k passages for a question, with scores."""
@@ -121,17 +152,29 @@ def search(question: str, top_k: Annotated[int, typer.Option("--top-k", "-k")] =
 
     rag = load_rag(_built_run(config, set_, run), with_generator=False)
     hits = rag.search(question, top_k=top_k, product_id=product_id)
-    table = Table("rank", "score", "id", "passage")
+    table = Table("rank", "score", "id", "product", "passage")
     for rank, hit in enumerate(hits, 1):
-        table.add_row(str(rank), f"{hit.score:.4f}", hit.doc.id, hit.doc.content[:200])
+        table.add_row(str(rank), f"{hit.score:.4f}", hit.doc.id, hit.doc.product_id or "", shorten(hit.doc.content))
     Console().print(table)
+
+
+_BREAK = re.compile(r"[\s。；，！？;,.!?]")
+
+
+def shorten(text: str, limit: int = 400) -> str:
+    """`text` cut to about `limit` characters at a word or clause boundary (Chinese has no spaces), marked with …"""
+    if len(text) <= limit:
+        return text
+    breaks = [m.end() for m in _BREAK.finditer(text, 0, limit + 1)]
+    end = breaks[-1] if breaks and breaks[-1] > limit // 2 else limit
+    return text[:end].rstrip() + " …"
 
 
 @app.command()
 @_reports_errors
-def ask(question: str, top_k: Annotated[int | None, typer.Option("--top-k", "-k")] = None,
+def ask(question: str, top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, max=100)] = None,
         product_id: Annotated[str | None, typer.Option(help="Only this product's passages.")] = None,
-        max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
+        max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer in tokens.")] = 128,
         run: RunOption = None, config: ConfigOption = None, set_: SetOption = None):
     """Answer a question from retrieved passages, streamed, with the cited passages listed."""
     from .rag import Answer, load_rag
@@ -141,13 +184,17 @@ def ask(question: str, top_k: Annotated[int | None, typer.Option("--top-k", "-k"
     for chunk in rag.stream(question, top_k=top_k, product_id=product_id, max_new_tokens=max_new_tokens):
         if isinstance(chunk, Answer):
             answer = chunk
-        else:
+        elif isinstance(chunk, str):
             typer.echo(chunk, nl=False)
     typer.echo("\n")
+    if not answer.passages:
+        return
     cited = {c.doc_id for c in answer.citations}
+    typer.echo("passages (* cited in the answer):")
     for number, hit in enumerate(answer.passages, 1):
         mark = "*" if hit.doc.id in cited else " "
-        typer.echo(f"{mark}[{number}] {hit.doc.id}  {hit.doc.content[:160]}")
+        product = f"  product {hit.doc.product_id}" if hit.doc.product_id else ""
+        typer.echo(f"{mark}[{number}] {hit.doc.id}{product}\n     {shorten(hit.doc.content)}")
 
 
 @app.command("eval")
@@ -160,7 +207,6 @@ def eval_(run: RunOption = None,
     """Evaluate retrieval (and generation) of the run and the baselines on a dataset split."""
     from .evaluate import evaluate
 
-    _setup_logging()
     evaluated = _built_run(config, set_, run)
     settings = evaluated.config.eval
     output = output or evaluated.eval_results(data or settings.data, split or settings.split)
@@ -179,7 +225,6 @@ def compare_(config: ConfigOption = None, set_: SetOption = None, run: RunOption
     from .compare import compare
     from .report import write_report
 
-    _setup_logging()
     compared = _run(config, set_, run)
     results = compare(compared.config, command=" ".join(["bsharedrag", *map(shlex.quote, sys.argv[1:])]))
     if report:
@@ -194,7 +239,13 @@ def report_(run: Annotated[Path, typer.Argument(help="A run folder that `bshared
     from .report import load_results, write_report
     from .run import Run
 
+    if not Path(run).is_dir():
+        raise FileNotFoundError(f"no run folder {run}; `bsharedrag compare --run {run}` builds one "
+                                "(the committed report of the quick comparison is docs/compare/report.md)")
     compared = Run.open(run)
+    if not compared.compare_results.exists():
+        raise FileNotFoundError(f"{run} holds no comparison ({compared.compare_results} is missing); "
+                                f"`bsharedrag compare --run {run}` writes it")
     path = write_report(load_results(compared.compare_results), output or compared.report_folder)
     typer.echo(f"report: {path}")
 
@@ -207,9 +258,10 @@ def _print_tables(results_path: Path) -> None:
     if not results_path.exists():
         return
     results = json.loads(results_path.read_text())
+    counts = {"retrieval": results["queries"], "generation": results.get("generation_queries")}
     for section in ("retrieval", "generation"):
         if results.get(section):
-            typer.echo(f"\n{section} ({results['data']}, split {results['split']}, {results['queries']} queries)\n")
+            typer.echo(f"\n{section} ({results['data']}, split {results['split']}, {counts[section]} queries)\n")
             typer.echo(markdown_table(results[section]))
     losses = results.get("data_losses") or {}
     if losses.get("skipped_lines") or losses.get("dropped_judgements"):
@@ -236,7 +288,6 @@ def serve(run: RunOption = None, host: HostOption = None, port: PortOption = Non
     """Serve a finished run over HTTP: search, answers, OpenAI-compatible API, catalogue updates, web page."""
     from .serving import serve as serve_run
 
-    _setup_logging()
     serve_run(_built_run(config, set_, run), host, port)
 
 

@@ -6,15 +6,17 @@ override is an error, never a silently ignored setting.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "BackboneConfig",
@@ -374,4 +376,35 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None, **
     profile = layered.get("profile", "quick")
     if profile not in ("quick", "full"):
         raise ValueError(f"`profile` must be 'quick' or 'full', got {profile!r}")
-    return Config.model_validate(deep_merge(_profile(profile), layered))
+    try:
+        return Config.model_validate(deep_merge(_profile(profile), layered))
+    except ValidationError as error:
+        raise ValueError("invalid settings:\n" + "\n".join(map(_explain, error.errors()))) from None
+
+
+def _section_at(path: tuple) -> type[BaseModel] | None:
+    """The settings model that holds the key at `path` (None when the path leaves the models)."""
+    model: Any = Config
+    for part in path:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        candidates = [annotation, *typing.get_args(annotation)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model
+
+
+def _explain(problem: dict) -> str:
+    """One line for one pydantic error: the dotted key, and for an unknown key the nearest real ones."""
+    location = problem["loc"]
+    dotted = ".".join(str(part) for part in location)
+    if problem["type"] != "extra_forbidden":
+        return f"  {dotted}: {problem['msg']} (got {problem.get('input')!r})"
+    section = _section_at(location[:-1])
+    known = list(section.model_fields) if section is not None else []
+    near = difflib.get_close_matches(str(location[-1]), known, n=2, cutoff=0.6)
+    prefix = ".".join(str(part) for part in location[:-1] if not isinstance(part, int))
+    hint = " or ".join(f"`{prefix + '.' if prefix else ''}{name}`" for name in near)
+    return f"  {dotted}: no such setting" + (f"; did you mean {hint}?" if hint else f" (known: {', '.join(known)})")

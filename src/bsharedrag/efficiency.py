@@ -31,7 +31,7 @@ def time_answer(rag, question: str, max_new_tokens: int = 64, **ask) -> dict:
     for part in rag.stream(question, max_new_tokens=max_new_tokens, **ask):
         if isinstance(part, Answer):
             answer = part
-        elif first is None:
+        elif isinstance(part, str) and first is None:
             first = time.perf_counter()
     total = time.perf_counter() - started
     first = first or time.perf_counter()

@@ -28,6 +28,7 @@ __all__ = ["evaluate", "retrieval_runs"]
 
 log = logging.getLogger(__name__)
 _DEPTH = 10  # the deepest cut-off among the retrieval metrics
+_SEARCH_CHUNK = 128  # questions per search call: enough to fill the encoder's batches
 
 
 def _retriever(run: Run, dataset: Dataset, system: str):
@@ -38,7 +39,7 @@ def _retriever(run: Run, dataset: Dataset, system: str):
     if system == "bm25":
         return BM25Retriever(dataset.corpus)
     if system == "encoder":
-        return EncoderRetriever(dataset.corpus, run.config.eval.encoder_model)
+        return EncoderRetriever(dataset.corpus, run.config.eval.encoder_model, show_progress=True)
     raise ValueError(f"unknown retrieval system {system!r}; known: bsharedrag, bm25, encoder")
 
 
@@ -48,12 +49,18 @@ def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict
     questions = [q.text for q in dataset.queries]
     for system in systems:
         started = time.time()
-        hits = dict(zip([q.id for q in dataset.queries], _retriever(run, dataset, system).search(questions, _DEPTH),
-                        strict=True))
+        retriever, rows = _retriever(run, dataset, system), []
+        bar = progress(total=len(questions), desc=f"retrieve ({system})")
+        for start in range(0, len(questions), _SEARCH_CHUNK):  # in chunks, for the progress bar
+            rows += retriever.search(questions[start: start + _SEARCH_CHUNK], _DEPTH)
+            bar.update(len(questions[start: start + _SEARCH_CHUNK]))
+        bar.close()
+        hits = dict(zip([q.id for q in dataset.queries], rows, strict=True))
         runs[system] = {qid: [hit.doc.id for hit in row] for qid, row in hits.items()}
         if system == "bsharedrag":
             dense_hits = hits
         timings[system] = round(time.time() - started, 1)
+        del retriever
         free_memory()  # a baseline's model and index go before the next system's
     return runs, dense_hits, timings
 

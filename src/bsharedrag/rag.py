@@ -2,8 +2,8 @@
 
     rag = RAG(backbone, retriever, config.generator)
     answer = rag.ask("Does it fit a 2012 Civic?", product_id="B00545ATZW")
-    for part in rag.stream("Is it waterproof?"):
-        print(part if isinstance(part, str) else part.citations)
+    for part in rag.stream("Is it waterproof?"):  # Retrieved (the passages), text chunks, then the Answer
+        print(part if isinstance(part, str) else part)
 
 The retriever switches the backbone to its own adapter while it searches; generation runs with the
 generator adapter (or the bare model, `adapter=None`, for a zero-shot baseline).
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .model.encoder import DenseRetriever
     from .model.index import Hit
 
-__all__ = ["RAG", "Answer", "Citation", "load_rag", "no_passages_answer"]
+__all__ = ["RAG", "Answer", "Citation", "Retrieved", "load_rag", "no_passages_answer"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,13 @@ class Citation:
     number: int  # the [n] marker in the answer text
     doc_id: str
     title: str
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """The first part of an answer stream: the passages the prompt holds, numbered from 1, before any text."""
+
+    passages: list[Hit]
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ class RAG:
         passages: list[Hit] | None = None,
         **sampling,
     ) -> Iterator[str | Answer]:
-        """Yield the answer text in chunks as it is generated, then the complete `Answer`.
+        """Yield `Retrieved` (the passages), the answer text in chunks as it is generated, then the `Answer`.
 
         `passages` skips retrieval and answers from the given hits (evaluation compares systems on
         the same passages). `sampling` is passed to `stream_tokens` (temperature, top_p, seed); the
@@ -128,8 +135,9 @@ class RAG:
 
     @staticmethod
     def _answer_after(chunks: Iterator[str], hits: list[Hit]) -> Iterator[str | Answer]:
-        """The chunks with every citation of a passage not given removed (a marker split over chunks
-        is held back until it closes), then the `Answer`."""
+        """`Retrieved`, the chunks with every citation of a passage not given removed (a marker split
+        over chunks is held back until it closes), then the `Answer`."""
+        yield Retrieved(hits)
         parts, pending = [], ""
         for chunk in chunks:
             pending += chunk

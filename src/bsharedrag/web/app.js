@@ -100,11 +100,15 @@ async function ask(event) {
     const response = await fetch("/v1/ask", { method: "POST", headers: headers(), body: JSON.stringify(body) });
     if (!response.ok) throw new Error(await errorText(response));
     for await (const { event: kind, data } of serverEvents(response)) {
-      if (kind === "token") $("answer").textContent += data.text;
+      if (kind === "passages") {
+        showPassages(data.passages, new Set());  // retrieval is done: show them while the answer is written
+        status.textContent = data.passages.length ? "Writing the answer…" : "";
+      } else if (kind === "token") $("answer").textContent += data.text;
       else if (kind === "answer") {
         showAnswer(data.answer, data.passages.length);
         showPassages(data.passages, new Set(data.citations.map((c) => c.number)));
-        status.textContent = data.citations.length ? "" : "No passage was cited.";
+        status.textContent = !data.passages.length ? "No passage matched, so no answer was written."
+          : data.citations.length ? "" : "No passage was cited.";
       } else if (kind === "error") throw new Error(data.detail);
     }
   } catch (error) {

@@ -140,7 +140,8 @@ class _Reply:
             yield self._chunk({"role": "assistant", "content": ""})
             part = first
             while not isinstance(part, Answer):
-                yield self._chunk({"content": part})
+                if isinstance(part, str):  # the passages come with the last chunk, as citations
+                    yield self._chunk({"content": part})
                 part = await anext(parts)
             usage, finish = self._usage_and_finish(part)
             yield self._chunk({}, finish, citations=self._citations(part))

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from ...rag import Answer
+from ...rag import Answer, Retrieved
 from ..deps import EngineDep, ServeDep, require_reader
 from ..schemas import AskRequest, AskResponse, PassageOut, SearchRequest, SearchResponse
 from ._common import (
@@ -25,7 +25,8 @@ from ._common import (
 router = APIRouter(prefix="/v1", tags=["qa"], dependencies=[Depends(require_reader)], responses=ERRORS)
 
 _SSE_DOC = sse_responses(
-    "JSON, or with `stream: true` server-sent events: `token` events `{\"text\"}`, "
+    "JSON, or with `stream: true` server-sent events: first one `passages` event `{\"passages\"}` (the "
+    "numbered passages, before any text), then `token` events `{\"text\"}`, "
     "then one `answer` event holding the AskResponse (or one `error` event `{\"detail\"}`)."
 )
 
@@ -62,6 +63,9 @@ async def _events(first: str | Answer, parts: AsyncIterator[str | Answer]) -> As
         while True:
             if isinstance(part, Answer):
                 yield sse(AskResponse.of(part).model_dump_json(by_alias=True), event="answer")
+            elif isinstance(part, Retrieved):
+                passages = [PassageOut.of_hit(hit).model_dump(mode="json", by_alias=True) for hit in part.passages]
+                yield sse({"passages": passages}, event="passages")
             else:
                 yield sse({"text": part}, event="token")
             part = await anext(parts)

@@ -34,6 +34,11 @@ async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+@router.get("/favicon.ico", response_class=FileResponse, include_in_schema=False)
+async def favicon() -> FileResponse:
+    return FileResponse(WEB / "favicon.svg", media_type="image/svg+xml")
+
+
 @router.get("/", response_class=FileResponse, include_in_schema=False)
 async def index_page() -> FileResponse:
     """The product-QA web assistant (plain HTML and JavaScript)."""
