@@ -90,6 +90,32 @@ def test_triples_without_gold_injection_have_no_citation():
     assert [doc.id for doc in triples[0].passages] == ["d1", "d2", "d3"] and triples[0].cited == ()
 
 
+def test_abstention_prompts_hold_only_passages_known_not_to_answer():
+    from bsharedrag.data import Document
+
+    docs = [Document(f"d{n}", "t", f"fact {n}", "p1" if n <= 3 else "p2") for n in range(1, 7)]
+    dataset = Dataset(Path("memory"), "train", docs, [Query("q1", "waterproof?", "waterproof?", "p1", ("no",)),
+                                                      Query("q2", "防水吗？", "防水吗？", "p1", ("不防水",))],
+                      {"q1": {"d1": 1}, "q2": {"d1": 1}})
+    settings = _settings(abstain_rate=1.0, top_k=2)
+    retriever = FakeRetriever(docs)
+    triples = build_triples([dataset], retriever, settings)
+    assert retriever.calls[0][1] == 8  # retrieved deeper, to find passages that do not answer
+    abstaining = [t for t in triples if t.cited == ()]
+    assert [t.answer for t in abstaining] == ["The passages do not say.", "资料中没有提到。"]
+    assert all([d.id for d in t.passages] == ["d4", "d5"] for t in abstaining)  # other products only
+
+    judged = build_triples([dataset], FakeRetriever(docs), settings, judged_per_product=[True])
+    assert all([d.id for d in t.passages] == ["d2", "d3"] for t in judged if t.cited == ())  # the product's own
+
+    missed = Dataset(Path("memory"), "train", docs, dataset.queries[:1], {"q1": {"d6": 1}})
+    (answering, abstained) = build_triples([missed], FakeRetriever(docs), _settings(abstain_rate=1.0, top_k=2,
+                                           gold_rate=0.0), judged_per_product=[True])
+    assert answering.answer == "The passages do not say." and answering.cited == ()  # a miss with no gold: unsupported
+    assert build_triples([dataset], FakeRetriever(docs), _settings(top_k=2)) == build_triples(
+        [dataset], FakeRetriever(docs), _settings(top_k=2), judged_per_product=[True])  # off by default: unchanged
+
+
 def test_one_retriever_per_dataset():
     first, second = FakeRetriever(DOCS[:2]), FakeRetriever(DOCS[3:5])
     datasets = [_dataset([Query(f"q{n}", "fits?", "fits?", None, ("yes",))], {f"q{n}": {"d1": 1}}) for n in (1, 2)]

@@ -78,6 +78,17 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
     assert asked.exit_code == 0, asked.output
     assert "[1]" in asked.output and "(* cited in the answer)" in asked.stdout  # the passages list
 
+    shop = tmp_path / "shop"  # the README's "your own catalogue": the run's index rebuilt over another corpus
+    shop.mkdir()
+    (shop / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"shop-{n}", "title": "Shop kettle", "text": text,
+                                                           "product_id": "SKU-1"}) + "\n"
+                                               for n, text in enumerate(["steel lid", "boils in 3 minutes"])))
+    reindexed = runner.invoke(app, ["index", "--run", folder, "--set", f"index.corpus={shop}"])
+    assert reindexed.exit_code == 0, reindexed.output
+    shop_hits = runner.invoke(app, ["search", "kettle lid?", "--run", folder, "--product-id", "SKU-1"])
+    assert shop_hits.exit_code == 0 and "shop-0" in shop_hits.stdout and "SKU-1" in shop_hits.stdout
+    assert runner.invoke(app, ["index", "--run", folder, "--set", f"index.corpus={run.config.index.corpus}"]).exit_code == 0
+
     output = tmp_path / "other.json"
     evaluated = runner.invoke(app, ["eval", "--run", folder, "--data", str(tiny_dataset), "--split", "train",
                                     "--output", str(output), "--set", "eval.generation=false"])
@@ -86,9 +97,13 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
     assert "| bsharedrag |" in evaluated.output
     assert evaluated.stdout.lstrip().startswith("retrieval (")  # the results alone: the logs went to stderr
     counted = runner.invoke(app, ["eval", "--run", folder, "--data", str(tiny_dataset), "--split", "train",
-                                  "--output", str(output), "--set", "eval.max_generation_queries=1"])
+                                  "--output", str(output), "--set", "eval.max_generation_queries=1",
+                                  "--set", "eval.faithfulness=true"])
     assert counted.exit_code == 0, counted.output
     assert "generation (" in counted.stdout and ", 1 queries)" in counted.stdout  # the count it was computed on
+    probes = json.loads(output.read_text())["faithfulness"]
+    assert probes["withheld_queries"] == 1 and 0 <= probes["answered_without_support"] <= 1
+    assert "faithfulness (bsharedrag): withheld_queries 1" in counted.stdout
     assert json.loads(output.read_text())["data_losses"] == {"skipped_lines": [], "dropped_judgements": 0,
                                                             "dropped_queries": 0}
 

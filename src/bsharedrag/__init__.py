@@ -6,6 +6,7 @@ of the package against it, so the table is the rule:
 
     base:       config data files memory progress text    -> nothing
     metrics:    metrics                                   -> text
+    catalogue:  catalogue                                 -> base
     model:      model                                     -> base metrics
     train:      train                                     -> model base metrics
     run:        run                                       -> model base
@@ -16,7 +17,7 @@ of the package against it, so the table is the rule:
     pipeline:   pipeline                                  -> train evaluate run model base
     report:     report                                    -> metrics base
     compare:    compare                                   -> pipeline evaluate efficiency run base
-    cli:        cli                                       -> serving compare report pipeline evaluate rag run model base metrics
+    cli:        cli                                       -> serving compare report pipeline evaluate rag run model base metrics catalogue
 
 `model/` holds what inference needs (backbone, encoder, prompts, decoding, index, baselines), `train/`
 what building the adapters needs; `run.Run` owns a run folder and loads what was built in it;

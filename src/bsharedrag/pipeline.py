@@ -190,7 +190,8 @@ def _generator(run: Run, folder: Path) -> tuple[dict, dict]:
     backbone.remove_adapter(GENERATOR)
     datasets = [run.dataset(r) for r in config.generator.datasets]
     retrievers = [run.retriever(dataset.path) for dataset in datasets] if config.generator.with_passages else None
-    triples = build_triples(datasets, retrievers, config.generator, config.seed)
+    judged = [ref.judged_per_product for ref in config.generator.datasets]
+    triples = build_triples(datasets, retrievers, config.generator, config.seed, judged)
     del retrievers
     free_memory()  # the heap that embedding the corpora fragmented, before training grows on it
     return train_generator(backbone, triples, config.generator, folder, config.seed), {}

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..config import GeneratorConfig
 from ..data import Document
+from ..text import has_cjk
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -23,11 +24,13 @@ if TYPE_CHECKING:
 __all__ = [
     "CLOSED_BOOK_SYSTEM_PROMPT",
     "Prompt",
+    "abstention_answer",
     "build_prompt",
     "citation_marker",
     "drop_foreign_citations",
     "encode_answer",
     "encode_prompt",
+    "is_abstention",
     "open_citation_start",
     "parse_citations",
     "quote_passage",
@@ -166,6 +169,23 @@ def open_citation_start(text: str) -> int:
     if start >= 0 and _OPEN_CITATION.fullmatch(text, start):
         return start
     return len(text)
+
+
+_ABSTENTION = re.compile(
+    r"\b(do|does|did)(n't| not) (say|mention|state|specify|tell)|\bnot (mentioned|stated|specified|said)"
+    r"|\bno (information|passage|mention)|\bcannot (answer|tell|say)|没有提到|未提及|无法回答|没有.{0,8}信息",
+    re.IGNORECASE,
+)
+
+
+def abstention_answer(question: str) -> str:
+    """The answer the generator is trained to give when its passages do not answer the question."""
+    return "资料中没有提到。" if has_cjk(question) else "The passages do not say."
+
+
+def is_abstention(answer: str) -> bool:
+    """Whether `answer` declines for want of support (the trained phrase or a common paraphrase of it)."""
+    return bool(_ABSTENTION.search(answer))
 
 
 def parse_citations(answer_text: str, n_passages: int) -> list[int]:

@@ -13,6 +13,12 @@ Training examples are (question, passages, answer) triples:
 * Citing: when relevant passages are in the prompt, the target is the answer followed by their
   markers, e.g. "It fits the 2012 model. [2]", so the generator learns to cite. A passage dropped
   to fit `max_prompt_len` is not cited.
+* Abstaining (`abstain_rate` > 0): that share of the questions also gets a prompt of passages known
+  not to answer it, with the target `abstention_answer` ("The passages do not say."). Known means:
+  retrieved, not judged relevant, and from another product, or, in a dataset judged per product
+  (`judged_per_product`, whose unjudged passages of a product are judged irrelevant), from any
+  product. In such a dataset a retrieval miss left without its gold passage is known unsupported
+  too, so its target becomes the abstention as well, rather than an answer the prompt cannot give.
 
 The loss is the mean cross-entropy over answer tokens (and the closing end-of-turn token) of each
 optimiser step; prompt and padding positions are labelled -100 and the LM head runs only on answer
@@ -35,7 +41,7 @@ import torch.nn.functional as F
 from ..config import GeneratorConfig
 from ..data import Dataset, Document
 from ..model.backbone import GENERATOR
-from ..model.prompt import citation_marker, encode_answer, encode_prompt
+from ..model.prompt import abstention_answer, citation_marker, encode_answer, encode_prompt
 from ..progress import progress
 from .loop import loss_summary, micro_batches, seed_everything, step_batches, train_loop
 
@@ -96,16 +102,25 @@ def _with_gold(
     return passages
 
 
+def _unsupported(retrieved: list[Document], relevant: dict[str, int], products: set, judged: bool,
+                 top_k: int) -> tuple[Document, ...]:
+    """The best-ranked passages known not to answer the query (see the module docstring)."""
+    known = [doc for doc in retrieved if doc.id not in relevant and (judged or doc.product_id not in products)]
+    return tuple(known[:top_k])
+
+
 def build_triples(
     datasets: list[Dataset],
     retrievers: DenseRetriever | Sequence[DenseRetriever] | None,
     settings: GeneratorConfig,
     seed: int = 0,
+    judged_per_product: Sequence[bool] = (),
 ) -> list[Triple]:
     """Training triples for every query with reference answers (see the module docstring for the rules).
 
     `retrievers` is one retriever for all datasets or one per dataset, each indexing its dataset's
-    corpus; it may be None when `settings.with_passages` is False.
+    corpus; it may be None when `settings.with_passages` is False. `judged_per_product` marks, per
+    dataset, those whose unjudged passages of a product are irrelevant (default: none).
     """
     if not settings.with_passages:
         per_dataset = [None] * len(datasets)
@@ -117,11 +132,14 @@ def build_triples(
         per_dataset = list(retrievers)
     else:
         per_dataset = [retrievers] * len(datasets)
+    judged_per_product = list(judged_per_product) or [False] * len(datasets)
+    abstain = settings.abstain_rate > 0 and settings.with_passages
+    depth = settings.top_k * (4 if abstain else 1)  # deeper, to find passages that do not answer
     rng = random.Random(seed)
     triples: list[Triple] = []
-    for dataset, retriever in zip(datasets, per_dataset, strict=True):
+    for dataset, retriever, judged in zip(datasets, per_dataset, judged_per_product, strict=True):
         queries = [query for query in dataset.queries if query.answers]
-        retrieved = _retrieve(retriever, queries, settings.top_k) if retriever is not None else {}
+        retrieved = _retrieve(retriever, queries, depth) if retriever is not None else {}
         for query in queries:
             answers = list(query.answers)
             if len(answers) > MAX_ANSWERS_PER_QUERY:
@@ -130,7 +148,14 @@ def build_triples(
             for answer in answers:
                 passages = _with_gold(retrieved[query.id], relevant, dataset.docs, settings, rng) if retrieved else []
                 cited = tuple(number for number, doc in enumerate(passages, 1) if doc.id in relevant)
+                if abstain and judged and not cited:
+                    answer = abstention_answer(query.text)
                 triples.append(Triple(query.text, tuple(passages), answer.strip(), cited, query.id))
+            if abstain and rng.random() < settings.abstain_rate:
+                products = {query.product_id} | {dataset.docs[d].product_id for d in relevant if d in dataset.docs}
+                passages = _unsupported(retrieved[query.id], relevant, products - {None}, judged, settings.top_k)
+                if passages:
+                    triples.append(Triple(query.text, passages, abstention_answer(query.text), (), query.id))
     if not triples:
         raise ValueError(f"no query with reference answers in {[str(d.path) for d in datasets]}; nothing to train on")
     return triples
