@@ -74,11 +74,17 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
     assert refused.exit_code == 1 and "retriever.temperature=" in refused.output and "(given 0.5)" in refused.output
     applied = runner.invoke(app, ["search", "kettle?", "--run", folder, "--set", "serve.port=9999"])
     assert applied.exit_code == 0, applied.output  # a setting no stage was built with applies
+    manifest_file = run.stage_folder("generator") / "manifest.json"
+    saved = manifest_file.read_text()
+    manifest_file.write_text(json.dumps({**json.loads(saved), "fingerprint": "built-by-older-code"}))
+    upgraded = runner.invoke(app, ["search", "kettle?", "--run", folder, "--set", "serve.port=9999"])
+    assert upgraded.exit_code == 0, upgraded.output  # a stage older code built refuses no unrelated setting
+    manifest_file.write_text(saved)
     asked = runner.invoke(app, ["ask", "does the kettle have a steel lid?", "--run", folder, "--max-new-tokens", "4"])
     assert asked.exit_code == 0, asked.output
     assert "[1]" in asked.output and "(* cited in the answer)" in asked.stdout  # the passages list
 
-    shop = tmp_path / "shop"  # the README's "your own catalogue": the run's index rebuilt over another corpus
+    shop = tmp_path / "own-catalogue"  # the README's "your own catalogue": the run's index rebuilt over another corpus
     shop.mkdir()
     (shop / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"shop-{n}", "title": "Shop kettle", "text": text,
                                                            "product_id": "SKU-1"}) + "\n"

@@ -194,15 +194,15 @@ def evaluate(run: Run, data: Path, split: str, output: Path, top_k: int | None =
     }
     has_answers = any(q.answers for q in dataset.queries)
     generator_ready = run.is_built("generator")
+    top_k = top_k or run.config.generator.top_k
     if settings.generation and has_answers and generator_ready:
-        top_k = top_k or run.config.generator.top_k
         results["generation"], results["answers"] = _generation(run, dataset, dense_hits, top_k)
         results["generation_top_k"] = top_k
         results["generation_queries"] = len(next(iter(results["answers"].values()), {}))
-        if settings.faithfulness:
-            results["faithfulness"], results["faithfulness_answers"] = faithfulness(run, dataset, dense_hits, top_k)
-    elif settings.generation:
-        log.warning("generation not evaluated: %s", "no reference answers" if not has_answers else "no generator")
+    if settings.faithfulness and has_answers and generator_ready:
+        results["faithfulness"], results["faithfulness_answers"] = faithfulness(run, dataset, dense_hits, top_k)
+    if (settings.generation or settings.faithfulness) and not (has_answers and generator_ready):
+        log.warning("answers not evaluated: %s", "no reference answers" if not has_answers else "no generator")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output, json.dumps(results, indent=2, ensure_ascii=False))

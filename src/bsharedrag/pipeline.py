@@ -272,8 +272,12 @@ def refuse_unbuilt_settings(run: Run, built_with: Run, skip: tuple[str, ...] = (
     A command that reads a built run (search, ask, serve, docs, eval) cannot apply such a setting: it
     would answer with what the run was built with. `skip` names the stages the command itself redoes.
     """
+    def fingerprint(opened: Run, stage: Stage) -> str:
+        return opened.artefact(stage.name, *stage.inputs(opened)).fingerprint
+
+    # Both fingerprints come from this code, so a setting that a newer version added refuses nothing.
     changed = [stage.name for stage in STAGES if stage.name not in skip and run.is_built(stage.name)
-               and run.artefact(stage.name, *stage.inputs(run)).fingerprint != run.manifest(stage.name)["fingerprint"]]
+               and fingerprint(run, stage) != fingerprint(built_with, stage)]
     if not changed:
         return
     ours, theirs = _flat(json.loads(run.config.model_dump_json())), _flat(json.loads(built_with.config.model_dump_json()))
