@@ -28,21 +28,30 @@ UpstreamOption = Annotated[bool, typer.Option(
 
 def _setup_logging(level: int = logging.INFO) -> None:
     """Logs to standard error (results alone go to standard output): ours at `level`, other libraries' at WARNING."""
+    import sys
     import warnings
 
     from rich.console import Console
     from rich.logging import RichHandler
-    from transformers.utils import logging as transformers_logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True,
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
     logging.getLogger("bsharedrag").setLevel(level)
     logging.captureWarnings(True)
-    transformers_logging.set_verbosity(max(level, logging.WARNING))
-    if level > logging.DEBUG:  # other libraries' deprecation notices and weight-loading bars are for their developers
-        transformers_logging.disable_progress_bar()
+    quiet_libraries = level > logging.DEBUG  # their deprecation notices and weight-loading bars are for their developers
+    if quiet_libraries:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # transformers reads these when it is imported (importing it here would cost every command 2 s)
+    os.environ["TRANSFORMERS_VERBOSITY"] = logging.getLevelName(max(level, logging.WARNING)).lower()
+    if quiet_libraries:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:  # already imported (a notebook, a test): tell it directly
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity(max(level, logging.WARNING))
+        if quiet_libraries:
+            transformers_logging.disable_progress_bar()
 
 
 @app.callback()
