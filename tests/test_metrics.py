@@ -151,3 +151,46 @@ def test_markdown_table():
 
 def test_minilm_path():
     assert (minilm_path() / "config.json").is_file()
+
+
+def test_bootstrap_intervals_are_zero_wide_for_a_constant_and_fixed_by_the_seed():
+    from bsharedrag.metrics import bootstrap_intervals
+
+    per_query = {f"q{i}": {"hit@1": 1.0, "ndcg@10": (i % 4) / 4} for i in range(40)}
+    intervals = bootstrap_intervals(per_query, resamples=500, seed=3)
+    assert intervals["hit@1"] == (1.0, 1.0)
+    low, high = intervals["ndcg@10"]
+    assert low < 0.375 < high and high - low < 0.3  # the mean is 0.375
+    assert bootstrap_intervals(per_query, resamples=500, seed=3) == intervals
+    assert bootstrap_intervals(per_query, resamples=500, seed=4) != intervals
+
+
+def test_a_paired_difference_separates_a_real_gap_and_not_noise():
+    from bsharedrag.metrics import paired_difference
+
+    ours = {f"q{i}": 1.0 if i % 10 else 0.0 for i in range(100)}  # 0.9
+    worse = {f"q{i}": 1.0 if i % 2 else 0.0 for i in range(100)}  # 0.5
+    gap = paired_difference(ours, worse, resamples=1000, seed=0)
+    assert abs(gap["difference"] - 0.4) < 1e-9 and gap["excludes_zero"] and gap["low"] > 0.25
+    swapped = {f"q{i}": ours[f"q{(i + 1) % 100}"] for i in range(100)}  # the same scores, other queries
+    noise = paired_difference(ours, swapped, resamples=1000, seed=0)
+    assert noise["difference"] == 0.0 and not noise["excludes_zero"]
+    assert paired_difference(ours, {"q1": 0.0, "other": 1.0})["queries"] == 1
+
+
+def test_generation_metrics_are_the_means_of_the_per_query_scores():
+    from bsharedrag.metrics import generation_metrics, generation_scores
+
+    args = ({"a": "it fits", "b": "no"}, {"a": ["it fits well"], "b": ["yes it does"]}, {"a": ["d1"]}, {"a": {"d1": 1}})
+    per_query = generation_scores(*args, with_bertscore=False)
+    assert set(per_query) == {"a", "b"} and per_query["a"]["citation_precision"] == 1.0
+    means = generation_metrics(*args, with_bertscore=False)
+    assert means["citation_precision"] == 0.5 and means["bleu3"] == (per_query["a"]["bleu3"] + per_query["b"]["bleu3"]) / 2
+
+
+def test_tables_show_intervals_in_brackets():
+    from bsharedrag.metrics import markdown_table
+
+    table = markdown_table({"bm25": {"hit@3": 0.75, "bleu3": 20.0}},
+                           intervals={"bm25": {"hit@3": (0.7, 0.8), "bleu3": (18.0, 22.5)}})
+    assert "| bm25 | 0.750 [0.700, 0.800] | 20.00 [18.00, 22.50] |" in table

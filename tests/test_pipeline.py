@@ -62,6 +62,10 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
     assert 0.0 <= results["retrieval"]["bm25"]["hit@3"] <= 1.0
     assert set(results["generation"]) == {"bsharedrag", "zero_shot"}
     assert {"bleu3", "rougeL", "bertscore", "citation_precision"} <= set(results["generation"]["bsharedrag"])
+    low, high = results["intervals"]["retrieval"]["bm25"]["hit@3"]  # a 95% bootstrap interval around the mean
+    assert low <= results["retrieval"]["bm25"]["hit@3"] <= high
+    per_query = results["per_query"]["generation"]["bsharedrag"]  # the scores the means come from
+    assert len(per_query) == results["generation_queries"] and "bleu3" in next(iter(per_query.values()))
 
     runner = CliRunner()
     folder = str(run.folder)
@@ -106,7 +110,7 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
                                   "--output", str(output), "--set", "eval.max_generation_queries=1",
                                   "--set", "eval.faithfulness=true"])
     assert counted.exit_code == 0, counted.output
-    assert "generation (" in counted.stdout and ", 1 queries)" in counted.stdout  # the count it was computed on
+    assert "generation (" in counted.stdout and ", 1 queries;" in counted.stdout  # the count it was computed on
     probes = json.loads(output.read_text())["faithfulness"]
     assert probes["withheld_queries"] == 1 and 0 <= probes["answered_without_support"] <= 1
     assert "faithfulness (bsharedrag): withheld_queries 1" in counted.stdout

@@ -270,8 +270,9 @@ def _print_tables(results_path: Path) -> None:
     counts = {"retrieval": results["queries"], "generation": results.get("generation_queries")}
     for section in ("retrieval", "generation"):
         if results.get(section):
-            typer.echo(f"\n{section} ({results['data']}, split {results['split']}, {counts[section]} queries)\n")
-            typer.echo(markdown_table(results[section]))
+            typer.echo(f"\n{section} ({results['data']}, split {results['split']}, {counts[section]} queries; "
+                       "95% bootstrap intervals over the queries in brackets)\n")
+            typer.echo(markdown_table(results[section], intervals=results.get("intervals", {}).get(section)))
     if results.get("faithfulness"):
         typer.echo("\nfaithfulness (bsharedrag): " + ", ".join(f"{k} {_number(v)}" for k, v in results["faithfulness"].items()))
     losses = results.get("data_losses") or {}

@@ -236,6 +236,7 @@ class EvalConfig(Section):
     generation_systems: list[str] = Field(default_factory=lambda: ["bsharedrag", "zero_shot"])
     max_new_tokens: int = Field(64, gt=0)
     max_generation_queries: int | None = Field(None, description="Evaluate answers on at most this many queries.")
+    bootstrap_resamples: int = Field(1000, gt=0, description="Query resamples of each 95% bootstrap interval.")
     faithfulness: bool = Field(
         False, description="Also probe whether answers follow their passages (abstention, contradiction; "
         "two more answers per query)."

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from .data import Dataset, load_dataset
 from .files import write_text_atomic
 from .memory import free_memory, trim_heap
-from .metrics import RETRIEVAL_METRICS, generation_metrics, retrieval_metrics
+from .metrics import RETRIEVAL_METRICS, bootstrap_intervals, generation_scores, mean_scores, per_query_metrics
 from .model.prompt import is_abstention
 from .progress import progress
 
@@ -78,6 +78,7 @@ def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict
 
 
 def _generation(run: Run, dataset: Dataset, dense_hits: dict, top_k: int) -> tuple[dict, dict]:
+    """system -> per-query scores of its answers, and system -> the answers with their citations."""
     from .rag import RAG
 
     settings = run.config.eval
@@ -100,7 +101,7 @@ def _generation(run: Run, dataset: Dataset, dense_hits: dict, top_k: int) -> tup
             citations[query.id] = [c.doc_id for c in answer.citations]
             trim_heap()  # every answer's cache has another length
         references = {q.id: list(q.answers) for q in queries}
-        results[system] = generation_metrics(
+        results[system] = generation_scores(
             predictions, references, citations, dataset.qrels,
             with_bertscore=True, model_path=settings.bertscore_model,
         )
@@ -180,15 +181,15 @@ def evaluate(run: Run, data: Path, split: str, output: Path, top_k: int | None =
     if not dataset.queries:
         raise ValueError(f"{data} split {split!r} has no judged query to evaluate")
     systems = list(settings.systems)
-    if settings.generation and "bsharedrag" not in systems:
-        systems.append("bsharedrag")  # generation reads the passages the BSharedRAG retriever found
+    if (settings.generation or settings.faithfulness) and "bsharedrag" not in systems:
+        systems.append("bsharedrag")  # answers read the passages the BSharedRAG retriever found
     runs, dense_hits, timings = retrieval_runs(run, dataset, systems)
+    scores = {"retrieval": {s: per_query_metrics(dataset.qrels, runs[s], RETRIEVAL_METRICS) for s in settings.systems}}
     results = {
         "data": str(data),
         "split": split,
         "queries": len(dataset.queries),
         "data_losses": dataset.losses,
-        "retrieval": {s: retrieval_metrics(dataset.qrels, runs[s], RETRIEVAL_METRICS) for s in settings.systems},
         "timings_seconds": timings,
         "runs": runs,
     }
@@ -196,13 +197,19 @@ def evaluate(run: Run, data: Path, split: str, output: Path, top_k: int | None =
     generator_ready = run.is_built("generator")
     top_k = top_k or run.config.generator.top_k
     if settings.generation and has_answers and generator_ready:
-        results["generation"], results["answers"] = _generation(run, dataset, dense_hits, top_k)
+        scores["generation"], results["answers"] = _generation(run, dataset, dense_hits, top_k)
         results["generation_top_k"] = top_k
         results["generation_queries"] = len(next(iter(results["answers"].values()), {}))
     if settings.faithfulness and has_answers and generator_ready:
         results["faithfulness"], results["faithfulness_answers"] = faithfulness(run, dataset, dense_hits, top_k)
     if (settings.generation or settings.faithfulness) and not (has_answers and generator_ready):
         log.warning("answers not evaluated: %s", "no reference answers" if not has_answers else "no generator")
+    for section, systems_scores in scores.items():  # means, 95% bootstrap intervals, and the per-query scores
+        results[section] = {system: mean_scores(per_query) for system, per_query in systems_scores.items()}
+        results.setdefault("intervals", {})[section] = {
+            system: bootstrap_intervals(per_query, settings.bootstrap_resamples, run.config.seed)
+            for system, per_query in systems_scores.items()}
+    results["per_query"] = scores
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output, json.dumps(results, indent=2, ensure_ascii=False))

@@ -3,6 +3,11 @@
 Retrieval values lie in [0, 1]; BLEU-3, ROUGE-L and BERTScore are on a 0-100 scale; citation
 precision is a share in [0, 1]. Words are counted with `text.words`, so Chinese goes through jieba.
 Nothing heavy is imported at module level: nltk and bert_score load inside the functions using them.
+
+Every metric is first computed per query (`per_query_metrics`, `generation_scores`); a reported
+figure is the mean (`mean_scores`), with a 95% bootstrap interval over the queries
+(`bootstrap_intervals`), and two systems on the same queries compare by a paired bootstrap
+(`paired_difference`).
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from pathlib import Path
 from .text import words
 
 __all__ = [
-    "GENERATION_METRICS", "RETRIEVAL_METRICS", "bertscore", "bleu3", "citation_precision", "generation_metrics",
-    "hit_at_k", "local_model", "markdown_table", "minilm_path", "mrr_at_k", "ndcg_at_k", "per_query_metrics",
-    "recall_at_k", "retrieval_metrics", "rouge_l",
+    "GENERATION_METRICS", "RETRIEVAL_METRICS", "bertscore", "bleu3", "bootstrap_intervals", "citation_precision",
+    "generation_metrics", "generation_scores", "hit_at_k", "local_model", "markdown_table", "mean_scores",
+    "minilm_path", "mrr_at_k", "ndcg_at_k", "paired_difference", "per_query_metrics", "recall_at_k",
+    "retrieval_metrics", "rouge_l",
 ]
 
 Qrels = Mapping[str, Mapping[str, int]]
@@ -101,8 +107,57 @@ def retrieval_metrics(qrels: Qrels, run: Run, names: Sequence[str] = RETRIEVAL_M
     """Each metric averaged over the queries of `qrels` (those missing from `run` count as 0)."""
     if not qrels:
         raise ValueError("qrels hold no query: nothing to average")
-    per_query = per_query_metrics(qrels, run, names)
+    return mean_scores(per_query_metrics(qrels, run, names))
+
+
+PerQuery = Mapping[str, Mapping[str, float]]  # query id -> {metric: value}
+
+
+def mean_scores(per_query: PerQuery) -> dict[str, float]:
+    """Each metric's mean over the queries."""
+    if not per_query:
+        raise ValueError("no query scored: nothing to average")
+    names = list(next(iter(per_query.values())))
     return {name: sum(values[name] for values in per_query.values()) / len(per_query) for name in names}
+
+
+def _resampled_means(columns, resamples: int, seed: int):
+    """(resamples, metrics) means of query samples drawn with replacement (the same draws for every column)."""
+    import numpy as np
+
+    values = np.asarray(columns, dtype=np.float64).T  # (queries, metrics)
+    draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    return values[draws].mean(axis=1)
+
+
+def bootstrap_intervals(per_query: PerQuery, resamples: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Each metric's percentile bootstrap interval for its mean, resampling queries."""
+    import numpy as np
+
+    if not per_query:
+        raise ValueError("no query scored: no interval")
+    names = list(next(iter(per_query.values())))
+    means = _resampled_means([[values[n] for values in per_query.values()] for n in names], resamples, seed)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail], axis=0)
+    return {name: (float(low[i]), float(high[i])) for i, name in enumerate(names)}
+
+
+def paired_difference(ours: Mapping[str, float], theirs: Mapping[str, float], resamples: int = 1000,
+                      seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of `ours - theirs` over the queries both scored, with its paired bootstrap interval."""
+    import numpy as np
+
+    common = sorted(set(ours) & set(theirs))
+    if not common:
+        raise ValueError("the two systems share no scored query: nothing to compare")
+    differences = [ours[q] - theirs[q] for q in common]
+    means = _resampled_means([differences], resamples, seed)[:, 0]
+    tail = 100 * (1 - level) / 2
+    low, high = (float(v) for v in np.percentile(means, [tail, 100 - tail]))
+    return {"difference": sum(differences) / len(common), "low": low, "high": high, "queries": len(common),
+            "excludes_zero": low > 0 or high < 0}
 
 
 # --- generation ------------------------------------------------------------------------------
@@ -265,7 +320,7 @@ def bertscore(
     return [100.0 * float(value) for value in f1]
 
 
-def generation_metrics(
+def generation_scores(
     predictions: Mapping[str, str],
     references: Mapping[str, Sequence[str]],
     citations: Mapping[str, Sequence[str]],
@@ -273,28 +328,29 @@ def generation_metrics(
     with_bertscore: bool = True,
     model_path: str | Path = "minilm",
     num_layers: int = 6,
-) -> dict[str, float]:
-    """Mean `bleu3`, `rougeL`, `bertscore` (only when `with_bertscore`) and `citation_precision`.
+) -> dict[str, dict[str, float]]:
+    """query id -> {`bleu3`, `rougeL`, `bertscore` (only when `with_bertscore`), `citation_precision`}.
 
-    Averaged over the queries with at least one non-empty reference answer. A query with no
-    prediction is scored as the empty answer (0), and a query that cites nothing counts 0.0
-    citation precision, so a system cannot gain by not citing.
+    Scored for the queries with at least one non-empty reference answer. A query with no prediction
+    is scored as the empty answer (0), and a query that cites nothing counts 0.0 citation
+    precision, so a system cannot gain by not citing.
     """
     query_ids = [q for q, refs in references.items() if any(r.strip() for r in _references(refs))]
     if not query_ids:
         raise ValueError("no query has a reference answer: nothing to average")
     hyps = [predictions.get(q) or "" for q in query_ids]
     refs = [[r for r in _references(references[q]) if r.strip()] for q in query_ids]
-    count = len(query_ids)
-    result = {
-        "bleu3": sum(map(bleu3, hyps, refs)) / count,
-        "rougeL": sum(map(rouge_l, hyps, refs)) / count,
-    }
+    columns = {"bleu3": list(map(bleu3, hyps, refs)), "rougeL": list(map(rouge_l, hyps, refs))}
     if with_bertscore:
-        result["bertscore"] = sum(bertscore(hyps, refs, model_path, num_layers)) / count
-    precisions = (citation_precision(citations.get(q, ()), qrels.get(q, {})) for q in query_ids)
-    result["citation_precision"] = sum(p or 0.0 for p in precisions) / count
-    return result
+        columns["bertscore"] = bertscore(hyps, refs, model_path, num_layers)
+    columns["citation_precision"] = [citation_precision(citations.get(q, ()), qrels.get(q, {})) or 0.0
+                                     for q in query_ids]
+    return {q: {name: values[i] for name, values in columns.items()} for i, q in enumerate(query_ids)}
+
+
+def generation_metrics(*args, **kwargs) -> dict[str, float]:
+    """The means of `generation_scores` (same arguments)."""
+    return mean_scores(generation_scores(*args, **kwargs))
 
 
 # --- reporting -------------------------------------------------------------------------------
@@ -306,11 +362,19 @@ def _cell(name: str, value: float | None) -> str:
     return f"{value:.2f}" if name in _PERCENT_SCALE else f"{value:.3f}"
 
 
-def markdown_table(results: Mapping[str, Mapping[str, float]], metrics: Sequence[str] | None = None) -> str:
-    """Systems as rows, metrics as columns: 2 decimals for 0-100 scores (BLEU, ROUGE, BERTScore), else 3."""
+def markdown_table(results: Mapping[str, Mapping[str, float]], metrics: Sequence[str] | None = None,
+                   intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None) -> str:
+    """Systems as rows, metrics as columns: 2 decimals for 0-100 scores (BLEU, ROUGE, BERTScore), else 3;
+    with `intervals` (system -> metric -> (low, high)) each cell adds its interval in brackets."""
     if metrics is None:
         metrics = list(dict.fromkeys(name for values in results.values() for name in values))
+
+    def cell(system: str, name: str) -> str:
+        shown = _cell(name, results[system].get(name))
+        bounds = (intervals or {}).get(system, {}).get(name)
+        return f"{shown} [{_cell(name, bounds[0])}, {_cell(name, bounds[1])}]" if bounds else shown
+
     lines = ["| system | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
-    for system, values in results.items():
-        lines.append(f"| {system} | " + " | ".join(_cell(name, values.get(name)) for name in metrics) + " |")
+    for system in results:
+        lines.append(f"| {system} | " + " | ".join(cell(system, name) for name in metrics) + " |")
     return "\n".join(lines)
