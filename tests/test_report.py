@@ -189,3 +189,21 @@ def test_load_results_reads_a_comparison_and_rejects_other_files(tmp_path):
     broken.write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match=r"broken\.json is not JSON"):
         load_results(broken)
+
+
+def test_intervals_and_paired_differences_from_bsharedrag_are_shown(tmp_path):
+    results = _results()
+    ours = {f"q{i}": {"hit@3": 1.0, "ndcg@10": 0.8} for i in range(60)}
+    worse = {f"q{i}": {"hit@3": float(i % 2), "ndcg@10": 0.8} for i in range(60)}
+    results["systems"]["bsharedrag"]["per_query"] = {"epqa-dev": {"retrieval": ours}}
+    results["systems"]["bsharedrag"]["intervals"] = {"epqa-dev": {"retrieval": {"hit@3": [0.76, 0.86]}}}
+    results["systems"]["bm25"]["per_query"] = {"epqa-dev": {"retrieval": worse}}
+    markdown = write_report(results, tmp_path).read_text(encoding="utf-8")
+    rows = _by_system(_table(markdown, "## epqa-dev", "### Retrieval"))
+    assert rows["bsharedrag"]["hit@3"] == "0.810 [0.760, 0.860]" and rows["bm25"]["hit@3"] == "0.830"
+    paired = _by_system(_table(markdown, "## epqa-dev", "### Retrieval",
+                               "Paired differences from `bsharedrag` on the same queries (95% paired bootstrap "
+                               "interval; * where it excludes zero):"))
+    assert paired["bm25"]["hit@3 − bsharedrag"].startswith("-0.500 [") and paired["bm25"]["hit@3 − bsharedrag"].endswith("*")
+    assert not paired["bm25"]["ndcg@10 − bsharedrag"].endswith("*")  # identical scores: no difference
+    assert (tmp_path / "retrieval-epqa-dev.png").read_bytes().startswith(PNG_MAGIC)

@@ -240,14 +240,12 @@ def compare(config: Config, command: str = "bsharedrag compare") -> dict:
             evaluated = _evaluation(run, system, name, data, split, max_queries, with_baselines)
             results["datasets"][name] = {"data": str(data), "split": split, "queries": evaluated["queries"],
                                          "generation_queries": evaluated.get("generation_queries")}
-            entry["eval"][name] = {section: evaluated[section]["bsharedrag"]
-                                   for section in ("retrieval", "generation") if "bsharedrag" in evaluated.get(section, {})}
+            _record(entry, name, evaluated, "bsharedrag")
             if with_baselines:
                 for baseline, description in _BASELINES.items():
                     slot = results["systems"].setdefault(baseline, {"group": "baseline", "description": description,
                                                                      "lambda": None, "key": key, "eval": {}})
-                    slot["eval"][name] = {section: evaluated[section][baseline] for section in ("retrieval", "generation")
-                                          if baseline in evaluated.get(section, {})}
+                    _record(slot, name, evaluated, baseline)
         if system.measures_efficiency:
             entry["efficiency"] = _efficiency(run, config.compare)
         results["seconds"] = round(time.time() - started, 1)
@@ -255,6 +253,16 @@ def compare(config: Config, command: str = "bsharedrag compare") -> dict:
         del run
         gc.collect()  # the next system loads its own backbone; free this one's first
     return _write(root.compare_results, results, recorded)
+
+
+def _record(entry: dict, dataset: str, evaluated: dict, system: str) -> None:
+    """Copy `system`'s means, 95% intervals and per-query scores on `dataset` from one evaluation into `entry`."""
+    sections = [section for section in ("retrieval", "generation") if system in evaluated.get(section, {})]
+    for key, source in (("eval", evaluated), ("intervals", evaluated.get("intervals", {})),
+                        ("per_query", evaluated.get("per_query", {}))):
+        found = {section: source[section][system] for section in sections if system in source.get(section, {})}
+        if found:
+            entry.setdefault(key, {})[dataset] = found
 
 
 def _recorded(earlier: dict, config: Config, datasets: list) -> dict:

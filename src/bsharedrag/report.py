@@ -3,6 +3,11 @@
 `write_report(results, out_dir)` writes `out_dir/report.md` and its plots next to it, linked by
 relative paths, so the folder can be committed under docs/ and read on GitHub. Every metric may be
 missing for any system; a missing value is shown as "–" and left out of the plots.
+
+Where the evaluation recorded them, each score shows its 95% bootstrap interval over the queries
+(error bars in the plots), and a table gives each system's paired difference from `bsharedrag` on
+the headline metrics: the mean per-query difference with its paired bootstrap interval, marked
+with * where the interval excludes zero.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .config import portable_path
-from .metrics import GENERATION_METRICS, RETRIEVAL_METRICS
+from .metrics import GENERATION_METRICS, RETRIEVAL_METRICS, paired_difference
 
 __all__ = ["EFFICIENCY_METRICS", "load_results", "write_report"]
 
@@ -23,6 +28,8 @@ _HEADLINE = {"retrieval": ("hit@3", "ndcg@10"), "generation": ("bleu3", "rougeL"
 _MISSING = "–"
 _DECIMALS = {"bleu3": 2, "rougeL": 2, "bertscore": 2, **dict.fromkeys(EFFICIENCY_METRICS, 1)}  # others: 3
 _DPI = 110
+_REFERENCE = "bsharedrag"  # the system every other one is compared with, query by query
+_RESAMPLES = 1000
 
 
 def load_results(path: Path) -> dict:
@@ -78,11 +85,39 @@ def _dataset_section(name: str, dataset: Mapping, systems: Mapping, out_dir: Pat
         if not scores:
             parts.append(f"No system has {kind} metrics on {name}.")
             continue
-        parts += [f"### {kind.capitalize()}", _system_table(systems, scores, metrics)]
+        intervals = {system: _intervals(entry, name, kind) for system, entry in systems.items()}
+        parts += [f"### {kind.capitalize()}", _system_table(systems, scores, metrics, intervals=intervals)]
+        if paired := _paired_table(systems, name, kind):
+            parts += [f"Paired differences from `{_REFERENCE}` on the same queries (95% paired bootstrap interval; "
+                      "* where it excludes zero):", paired]
         file = f"{kind}-{_slug(name)}.png"
-        _bar_chart(out_dir / file, scores, _HEADLINE[kind], f"{kind.capitalize()} on {name}")
+        _bar_chart(out_dir / file, scores, _HEADLINE[kind], f"{kind.capitalize()} on {name}", intervals)
         plots.append(f"![{kind} on {name}]({file})")
     return "\n\n".join(parts + plots)
+
+
+def _paired_table(systems: Mapping, dataset: str, kind: str) -> str:
+    reference = _per_query(systems.get(_REFERENCE, {}), dataset, kind)
+    if not reference:
+        return ""
+    metrics, rows = _HEADLINE[kind], []
+    for name, entry in systems.items():
+        theirs = _per_query(entry, dataset, kind)
+        if name == _REFERENCE or not theirs:
+            continue
+        cells = []
+        for metric in metrics:
+            ours = {q: scores[metric] for q, scores in theirs.items() if _is_number(scores.get(metric))}
+            base = {q: scores[metric] for q, scores in reference.items() if _is_number(scores.get(metric))}
+            if not set(ours) & set(base):
+                cells.append(_MISSING)
+                continue
+            gap = paired_difference(ours, base, _RESAMPLES, seed=0)
+            cells.append(f"{gap['difference']:+.{_DECIMALS.get(metric, 3)}f} "
+                         f"[{_format(metric, gap['low'])}, {_format(metric, gap['high'])}]"
+                         + (" *" if gap["excludes_zero"] else ""))
+        rows.append([name, entry.get("group", _MISSING), *cells])
+    return _table(["system", "group", *(f"{metric} − {_REFERENCE}" for metric in metrics)], rows, 2) if rows else ""
 
 
 def _sweep_section(results: Mapping, out_dir: Path) -> str:
@@ -128,17 +163,35 @@ def _systems_section(systems: Mapping) -> str:
 # --- tables and formatting -----------------------------------------------------------------------
 
 
-def _scores(entry: Mapping, dataset: str, kind: str) -> dict:
+def _scores(entry: Mapping, dataset: str, kind: str, key: str = "eval") -> dict:
     """One system's `kind` metrics on `dataset`, {} wherever any level is missing."""
-    return dict(((entry.get("eval") or {}).get(dataset) or {}).get(kind) or {})
+    return dict(((entry.get(key) or {}).get(dataset) or {}).get(kind) or {})
+
+
+def _intervals(entry: Mapping, dataset: str, kind: str) -> dict:
+    """metric -> (low, high) of the 95% bootstrap interval, where recorded."""
+    return _scores(entry, dataset, kind, "intervals")
+
+
+def _per_query(entry: Mapping, dataset: str, kind: str) -> dict:
+    """query id -> {metric: value}, where recorded."""
+    return _scores(entry, dataset, kind, "per_query")
 
 
 def _system_table(systems: Mapping, values: Mapping[str, Mapping], metrics: Sequence[str],
-                  labels: Mapping[str, Mapping[str, str]] | None = None) -> str:
-    """One row per system of `values`; `labels` adds text columns ({header: {system: text}}) before the metrics."""
-    labels = labels or {}
+                  labels: Mapping[str, Mapping[str, str]] | None = None,
+                  intervals: Mapping[str, Mapping] | None = None) -> str:
+    """One row per system of `values`; `labels` adds text columns ({header: {system: text}}) before the metrics,
+    `intervals` ({system: {metric: (low, high)}}) a bracketed interval after each score."""
+    labels, intervals = labels or {}, intervals or {}
+
+    def cell(name: str, metric: str, value) -> str:
+        bounds = intervals.get(name, {}).get(metric)
+        shown = _format(metric, value)
+        return f"{shown} [{_format(metric, bounds[0])}, {_format(metric, bounds[1])}]" if bounds else shown
+
     rows = [[name, systems[name].get("group", _MISSING), *(column[name] for column in labels.values()),
-             *(_format(metric, scores.get(metric)) for metric in metrics)] for name, scores in values.items()]
+             *(cell(name, metric, scores.get(metric)) for metric in metrics)] for name, scores in values.items()]
     return _table(["system", "group", *labels, *metrics], rows, text_columns=2 + len(labels))
 
 
@@ -197,12 +250,19 @@ def _value(scores: Mapping, metric: str) -> float:
     return float(value) if _is_number(value) else math.nan  # NaN: no bar, no point
 
 
-def _grouped_bars(axes, values: Mapping[str, Mapping], metrics: Sequence[str], ylabel: str) -> None:
-    names = list(values)
+def _grouped_bars(axes, values: Mapping[str, Mapping], metrics: Sequence[str], ylabel: str,
+                  intervals: Mapping[str, Mapping] | None = None) -> None:
+    names, intervals = list(values), intervals or {}
     width = 0.8 / len(metrics)
     for i, metric in enumerate(metrics):
         offsets = [n + (i - (len(metrics) - 1) / 2) * width for n in range(len(names))]
-        axes.bar(offsets, [_value(values[name], metric) for name in names], width, label=metric)
+        heights = [_value(values[name], metric) for name in names]
+        bounds = [intervals.get(name, {}).get(metric) for name in names]
+        errors = None
+        if any(bounds):  # error bars from each bar's 95% interval (none where it was not recorded)
+            errors = [[h - b[0] if b else 0.0 for h, b in zip(heights, bounds)],
+                      [b[1] - h if b else 0.0 for h, b in zip(heights, bounds)]]
+        axes.bar(offsets, heights, width, label=metric, yerr=errors, capsize=3 if errors else 0)
     axes.set_xticks(range(len(names)), names, rotation=30, ha="right")
     axes.set_ylabel(ylabel)
     axes.grid(axis="y", alpha=0.3)
@@ -210,9 +270,10 @@ def _grouped_bars(axes, values: Mapping[str, Mapping], metrics: Sequence[str], y
         axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside, never over a bar
 
 
-def _bar_chart(path: Path, scores: Mapping[str, Mapping], metrics: Sequence[str], title: str) -> None:
+def _bar_chart(path: Path, scores: Mapping[str, Mapping], metrics: Sequence[str], title: str,
+               intervals: Mapping[str, Mapping] | None = None) -> None:
     figure, (axes,) = _figure(max(6.0, 0.8 * len(scores) + 2), 4.5)
-    _grouped_bars(axes, scores, metrics, "score")
+    _grouped_bars(axes, scores, metrics, "score", intervals)
     axes.set_title(title)
     figure.savefig(path)
 
