@@ -7,6 +7,7 @@ of the package against it, so the table is the rule:
     base:       config data files memory progress text    -> nothing
     metrics:    metrics                                   -> text
     catalogue:  catalogue                                 -> base
+    synth:      synth                                     -> model base
     model:      model                                     -> base metrics
     train:      train                                     -> model base metrics
     run:        run                                       -> model base
@@ -17,7 +18,7 @@ of the package against it, so the table is the rule:
     pipeline:   pipeline                                  -> train evaluate run model base
     report:     report                                    -> metrics base
     compare:    compare                                   -> pipeline evaluate efficiency run base
-    cli:        cli                                       -> serving compare report pipeline evaluate rag run model base metrics catalogue
+    cli:        cli                                       -> serving compare report pipeline evaluate rag run model base metrics catalogue synth
 
 `model/` holds what inference needs (backbone, encoder, prompts, decoding, index, baselines), `train/`
 what building the adapters needs; `run.Run` owns a run folder and loads what was built in it;

@@ -336,6 +336,26 @@ def catalogue_import(
                   if manifest["skipped_records"] else ""))
 
 
+@app.command()
+@_reports_errors
+def synth(corpus: Annotated[Path, typer.Option(help="A corpus folder (corpus.jsonl), e.g. from `catalogue import`.")],
+          out: Annotated[Path, typer.Option(help="The dataset folder to write (queries, qrels/train.tsv, qrels/dev.tsv).")],
+          config: ConfigOption = None, set_: SetOption = None):
+    """Write synthetic shopper questions and answers for a corpus's passages (resumes when killed)."""
+    from .config import load_config
+    from .model.backbone import resolve_model_source
+    from .synth import synthesise
+
+    settings = load_config(config, set_)
+    source = None
+    if not settings.synth.endpoint:
+        source = settings.synth.writer or resolve_model_source(settings.backbone)
+    manifest = synthesise(corpus, out, settings.synth, settings.seed, model_source=source)
+    kept, filters = manifest["queries"], manifest["filters"]
+    typer.echo(f"{kept['train']} train and {kept['dev']} dev questions in {out}; filters: "
+               + ", ".join(f"{name} {count}" for name, count in filters.items()))
+
+
 docs_app = typer.Typer(help="Update a run's catalogue (its index) without rebuilding it.", no_args_is_help=True)
 app.add_typer(docs_app, name="docs")
 

@@ -32,6 +32,7 @@ __all__ = [
     "PretrainConfig",
     "RetrieverConfig",
     "ServeConfig",
+    "SynthConfig",
     "deep_merge",
     "fingerprint",
     "load_config",
@@ -221,6 +222,24 @@ class CatalogueConfig(Section):
         return self
 
 
+class SynthConfig(Section):
+    writer: str | None = Field(None, description="Writer model (Hugging Face id or folder); None: the run's backbone.")
+    endpoint: str | None = Field(None, description="An OpenAI-compatible base URL (e.g. http://host/v1) to write with.")
+    endpoint_model: str = Field("gpt-4o-mini", description="The `model` asked for at `endpoint`.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
+    endpoint_timeout: float = Field(60.0, gt=0, description="Seconds one endpoint request may take.")
+    passages: int | None = Field(1000, gt=0, description="Passages sampled (seeded) to write from; None: all.")
+    questions_per_passage: int = Field(2, gt=0)
+    batch_size: int = Field(8, gt=0, description="Passages per generate call of a local writer.")
+    max_new_tokens: int = Field(160, gt=8, description="Tokens of each reply.")
+    max_prompt_tokens: int = Field(512, gt=32, description="A longer prompt is cut (keep passages shorter).")
+    copy_words: int = Field(6, gt=1, description="A question repeating this many consecutive passage words is a copy.")
+    support: float = Field(0.5, ge=0, le=1, description="Share of an answer's content words that its passage must hold.")
+    duplicate: float = Field(0.8, gt=0, le=1, description="Word Jaccard at which a question duplicates a kept one.")
+    round_trip_k: int = Field(10, gt=0, description="BM25 must rank the question's passage in this top k.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Passages whose questions go to the dev split.")
+
+
 class IndexConfig(Section):
     corpus: Path = Field(
         _PACKAGE_DATA / "epqa", description="The catalogue that is indexed and served: a folder with corpus.jsonl."
@@ -323,6 +342,7 @@ class Config(Section):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     catalogue: CatalogueConfig = Field(default_factory=CatalogueConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
