@@ -19,7 +19,7 @@ def test_retrieval_over_many_questions_shows_its_progress(tiny_dataset, monkeypa
     monkeypatch.setattr(evaluate, "progress", Bar)
     monkeypatch.setattr(evaluate, "_SEARCH_CHUNK", 1)
     dataset = load_dataset(tiny_dataset, "train")
-    runs, _, _ = evaluate.retrieval_runs(None, dataset, ["bm25"])
+    runs, *_ = evaluate.retrieval_runs(None, dataset, ["bm25"])
     (bar,) = bars
     assert bar.desc == "retrieve (bm25)" and bar.done == bar.total == len(dataset.queries) > 1
     assert set(runs["bm25"]) == {query.id for query in dataset.queries}

@@ -101,9 +101,13 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
 
     output = tmp_path / "other.json"
     evaluated = runner.invoke(app, ["eval", "--run", folder, "--data", str(tiny_dataset), "--split", "train",
-                                    "--output", str(output), "--set", "eval.generation=false"])
+                                    "--output", str(output), "--set", "eval.generation=false",
+                                    "--set", "eval.systems=[bsharedrag, bm25, hybrid]"])
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(output.read_text())["split"] == "train"
+    fusion = json.loads(output.read_text())["fusion"]["hybrid"]  # evaluated on train: weighed on pseudo-queries
+    assert fusion["validation"].startswith("pseudo-queries") and 0 <= fusion["weight"] <= 1
+    assert "| hybrid |" in evaluated.stdout
     assert "| bsharedrag |" in evaluated.output
     assert evaluated.stdout.lstrip().startswith("retrieval (")  # the results alone: the logs went to stderr
     counted = runner.invoke(app, ["eval", "--run", folder, "--data", str(tiny_dataset), "--split", "train",

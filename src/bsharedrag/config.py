@@ -250,11 +250,15 @@ class IndexConfig(Section):
 class EvalConfig(Section):
     data: Path = Field(_PACKAGE_DATA / "epqa", description="BEIR-style folder evaluated on.")
     split: str = "dev"
-    systems: list[str] = Field(default_factory=lambda: ["bsharedrag", "bm25", "encoder"])
+    systems: list[str] = Field(default_factory=lambda: ["bsharedrag", "bm25", "encoder", "hybrid"])
     generation: bool = Field(True, description="Also evaluate generated answers.")
     generation_systems: list[str] = Field(default_factory=lambda: ["bsharedrag", "zero_shot"])
     max_new_tokens: int = Field(64, gt=0)
     max_generation_queries: int | None = Field(None, description="Evaluate answers on at most this many queries.")
+    fusion: Literal["rrf", "interpolate"] = Field("rrf", description="How the `hybrid` system fuses BM25 and dense.")
+    fusion_validation_queries: int = Field(
+        200, gt=0, description="`hybrid`: training questions (or pseudo-queries) its fusion weight is chosen on."
+    )
     bootstrap_resamples: int = Field(1000, gt=0, description="Query resamples of each 95% bootstrap interval.")
     faithfulness: bool = Field(
         False, description="Also probe whether answers follow their passages (abstention, contradiction; "

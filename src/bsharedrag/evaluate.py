@@ -52,12 +52,40 @@ def _retriever(run: Run, dataset: Dataset, system: str):
         return BM25Retriever(dataset.corpus)
     if system == "encoder":
         return EncoderRetriever(dataset.corpus, run.config.eval.encoder_model, show_progress=True)
-    raise ValueError(f"unknown retrieval system {system!r}; known: bsharedrag, bm25, encoder")
+    if system == "hybrid":
+        return _hybrid(run, dataset)
+    raise ValueError(f"unknown retrieval system {system!r}; known: bsharedrag, bm25, encoder, hybrid")
+
+
+def _hybrid(run: Run, dataset: Dataset):
+    """BM25 fused with the run's dense retriever, the weight chosen on the dataset's training questions
+    (a sample, never the evaluated split), or on pseudo-queries from its corpus when it has none."""
+    from .model.baselines import BM25Retriever
+    from .model.hybrid import HybridRetriever, choose_weight, pseudo_queries
+
+    settings = run.config.eval
+    dense, lexical = run.retriever(dataset.path), BM25Retriever(dataset.corpus)
+    train = dataset.path / "qrels" / "train.tsv"
+    if dataset.split != "train" and train.exists():
+        validation = load_dataset(dataset.path, "train").sample(settings.fusion_validation_queries, run.config.seed)
+        pairs, source = [(q.text, validation.qrels[q.id]) for q in validation.queries], "train split"
+    else:
+        pairs, source = pseudo_queries(dataset.corpus, settings.fusion_validation_queries, run.config.seed), \
+            "pseudo-queries (passage spans)"
+    questions = [question for question, _ in pairs]
+    depth = HybridRetriever(dense, lexical, 0.5).depth
+    weight, scores = choose_weight(dense.search(questions, depth), lexical.search(questions, depth),
+                                   [relevant for _, relevant in pairs], settings.fusion)
+    hybrid = HybridRetriever(dense, lexical, weight, settings.fusion)
+    hybrid.chosen = {"method": settings.fusion, "weight": weight, "validation": source, "questions": len(pairs),
+                     "hit@3_by_weight": scores}
+    log.info("hybrid: %s weight %.1f chosen on %d %s", settings.fusion, weight, len(pairs), source)
+    return hybrid
 
 
 def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict, dict, dict]:
-    """system -> {query id -> ranked doc ids}; also the BSharedRAG hits (for generation) and timings."""
-    runs, timings, dense_hits = {}, {}, {}
+    """system -> {query id -> ranked doc ids}; also the BSharedRAG hits (for generation), timings, fusion weights."""
+    runs, timings, dense_hits, fusion = {}, {}, {}, {}
     questions = [q.text for q in dataset.queries]
     for system in systems:
         started = time.time()
@@ -72,9 +100,11 @@ def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict
         if system == "bsharedrag":
             dense_hits = hits
         timings[system] = round(time.time() - started, 1)
+        if hasattr(retriever, "chosen"):
+            fusion[system] = retriever.chosen
         del retriever
         free_memory()  # a baseline's model and index go before the next system's
-    return runs, dense_hits, timings
+    return runs, dense_hits, timings, fusion
 
 
 def _generation(run: Run, dataset: Dataset, dense_hits: dict, top_k: int) -> tuple[dict, dict]:
@@ -183,7 +213,7 @@ def evaluate(run: Run, data: Path, split: str, output: Path, top_k: int | None =
     systems = list(settings.systems)
     if (settings.generation or settings.faithfulness) and "bsharedrag" not in systems:
         systems.append("bsharedrag")  # answers read the passages the BSharedRAG retriever found
-    runs, dense_hits, timings = retrieval_runs(run, dataset, systems)
+    runs, dense_hits, timings, fusion = retrieval_runs(run, dataset, systems)
     scores = {"retrieval": {s: per_query_metrics(dataset.qrels, runs[s], RETRIEVAL_METRICS) for s in settings.systems}}
     results = {
         "data": str(data),
@@ -191,6 +221,7 @@ def evaluate(run: Run, data: Path, split: str, output: Path, top_k: int | None =
         "queries": len(dataset.queries),
         "data_losses": dataset.losses,
         "timings_seconds": timings,
+        **({"fusion": fusion} if fusion else {}),
         "runs": runs,
     }
     has_answers = any(q.answers for q in dataset.queries)
