@@ -134,3 +134,38 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
     empty = runner.invoke(app, ["ask", "   ", "--run", folder])
     assert empty.exit_code == 1 and "question" in empty.output
 
+
+
+def test_a_bare_corpus_trains_both_adapters_on_synthetic_questions(tiny_model_dir, tmp_path, monkeypatch):
+    """The README's catalogue without labelled questions: pretrain, synth, mine, both adapters, index, eval."""
+    from bsharedrag import synth
+
+    shop = write_dataset(tmp_path / "labelled")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "corpus.jsonl").write_text((shop / "corpus.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+
+    def scripted_writer(source, settings):  # a random tiny model writes nothing parsable: script the writer
+        assert source == tiny_model_dir  # the backbone writes by default
+        counter = iter(range(10**6))
+
+        def write(prompts):
+            passages = [user.split("\n")[1] for _, user in prompts]  # the line after "Product information:"
+            return [f"Q: Tell me about {text.partition(': ')[0]}, point {next(counter)}?\nA: {text.partition(': ')[2]}"
+                    for text in passages]
+
+        return write
+
+    monkeypatch.setattr(synth, "_local_writer", scripted_writer)
+    overrides = tiny_overrides(tiny_model_dir, bare, tmp_path / "run") + [
+        "synth.enabled=true", "synth.duplicate=1.0", "synth.validation_fraction=0.3",
+        "retriever.datasets=[{path: SYNTH, split: train}]", "generator.datasets=[{path: SYNTH, split: train}]",
+        "eval.data=SYNTH", "eval.split=dev",
+    ]
+    built = run_stages(Run(load_config(overrides=overrides)))
+    assert built["synth"]["stats"]["train"] > 10 and built["synth"]["stats"]["dev"] > 3
+    assert built["retriever"]["stats"]["steps"] == 3 and built["generator"]["stats"]["steps"] == 2
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert results["queries"] == built["synth"]["stats"]["dev"] and "bsharedrag" in results["generation"]
+    again = run_stages(Run.open(tmp_path / "run"))
+    assert again["synth"]["id"] == built["synth"]["id"]  # up to date: nothing is written twice

@@ -15,7 +15,7 @@ of the package against it, so the table is the rule:
     evaluate:   evaluate                                  -> rag run model base metrics
     efficiency: efficiency                                -> rag run base
     serving:    serving                                   -> rag run model base
-    pipeline:   pipeline                                  -> train evaluate run model base
+    pipeline:   pipeline                                  -> train evaluate synth run model base
     report:     report                                    -> metrics base
     compare:    compare                                   -> pipeline evaluate efficiency run base
     cli:        cli                                       -> serving compare report pipeline evaluate rag run model base metrics catalogue synth

@@ -144,7 +144,7 @@ def _stage_command(position: int):
 
 
 for _position, _stage in enumerate(STAGES):
-    if _stage.name != "eval":  # `eval` evaluates any dataset split (below); `run` builds the eval stage
+    if _stage.name not in ("eval", "synth"):  # `eval` and `synth` below take any data; `run` builds both stages
         app.command(_stage.command or _stage.name)(_stage_command(_position))
 
 

@@ -223,6 +223,9 @@ class CatalogueConfig(Section):
 
 
 class SynthConfig(Section):
+    enabled: bool = Field(False, description="`bsharedrag run` writes synthetic questions (the synth stage); "
+                          "datasets named SYNTH are what it wrote.")
+    corpus: Path | None = Field(None, description="The corpus the synth stage writes from; None: index.corpus.")
     writer: str | None = Field(None, description="Writer model (Hugging Face id or folder); None: the run's backbone.")
     endpoint: str | None = Field(None, description="An OpenAI-compatible base URL (e.g. http://host/v1) to write with.")
     endpoint_model: str = Field("gpt-4o-mini", description="The `model` asked for at `endpoint`.")

@@ -1,6 +1,6 @@
 """The stages of a run, in order, each skipped while its artefact is up to date.
 
-    pretrain -> mine -> retriever -> index -> generator -> eval
+    pretrain -> synth -> mine -> retriever -> index -> generator -> eval
 
 A stage is a row of `STAGES`: its name, what it is built from (`inputs`: the settings and the
 upstream ids that make its fingerprint) and how it is built (`build`: writes the artefact folder,
@@ -73,6 +73,33 @@ def _pretrain(run: Run, folder: Path) -> tuple[dict, dict]:
     texts = domain_texts(config.pretrain, config.strict_data)
     stats = pretrain(trainee, texts, config.pretrain, folder / "model", config.seed)
     return stats, {"model_folder": "model"}  # relative: the artefact is built beside its final folder
+
+
+# --- synth ------------------------------------------------------------------------------
+
+
+def _synth_inputs(run: Run) -> tuple[dict, dict]:
+    config = run.config
+    inputs: dict = {"seed": config.seed}
+    if config.synth.enabled:  # disabled, it writes nothing: no corpus to hash
+        corpus = Path(config.synth.corpus or config.index.corpus)
+        inputs |= {"corpus": [str(corpus), file_hash(corpus / "corpus.jsonl")],
+                   "writer": config.synth.endpoint or config.synth.writer or config.backbone.model}
+    return _settings(config.synth), inputs
+
+
+def _synth(run: Run, folder: Path) -> tuple[dict, dict]:
+    from .synth import synthesise
+
+    config = run.config
+    if not config.synth.enabled:
+        return {"skipped": "synth.enabled is false"}, {}
+    run.release()  # the writer is a model of its own
+    source = None if config.synth.endpoint else (config.synth.writer or resolve_model_source(config.backbone))
+    corpus = Path(config.synth.corpus or config.index.corpus)
+    written = synthesise(corpus, folder / "data", config.synth, config.seed, model_source=source)
+    return {"kept": written["filters"]["kept"], "train": written["queries"]["train"],
+            "dev": written["queries"]["dev"]}, {}
 
 
 # --- mine -------------------------------------------------------------------------------
@@ -202,20 +229,23 @@ def _generator(run: Run, folder: Path) -> tuple[dict, dict]:
 
 def _eval_inputs(run: Run) -> tuple[dict, dict]:
     inputs = run.ids("pretrain", "retriever", "index", "generator")
-    inputs["data"] = dataset_id(run.config.eval.data, run.config.eval.split)
+    inputs["data"] = dataset_id(run.data_path(run.config.eval.data), run.config.eval.split)
     return _settings(run.config.eval), inputs
 
 
 def _eval(run: Run, folder: Path) -> tuple[dict, dict]:
     from .evaluate import evaluate
 
-    results = evaluate(run, run.config.eval.data, run.config.eval.split, folder / run.eval_results().name)
+    results = evaluate(run, run.data_path(run.config.eval.data), run.config.eval.split,
+                       folder / run.eval_results().name)
     return {"queries": results["queries"]}, {}
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("pretrain", "Stage 1: continual pre-training of the backbone on the domain corpus.",
           _pretrain_inputs, _pretrain),
+    Stage("synth", "Write synthetic questions and answers from the catalogue (when synth.enabled).",
+          _synth_inputs, _synth),
     Stage("mine", "Stage 2: mine hard negatives for the retriever's training queries.", _mine_inputs, _mine),
     Stage("retriever", "Stage 3: train the retriever adapter (InfoNCE with in-batch and hard negatives).",
           _retriever_inputs, _retriever, command="train-retriever"),

@@ -5,6 +5,7 @@
     RUN/.<stage>.building            a stage being built (pending.json: resumable with the same fingerprint);
                                      it replaces RUN/<stage> only once complete, so a failed rebuild loses nothing
     RUN/pretrain/model               the domain backbone (absent when pre-training is off)
+    RUN/synth/data                   synthetic questions (BEIR-style); a dataset setting SYNTH names it
     RUN/mine/negatives.json          the mined hard negatives
     RUN/retriever, RUN/generator     the adapters; RUN/retriever/side-indexes/<corpus hash> other corpora's indexes
     RUN/index                        the vector index of the served catalogue
@@ -47,6 +48,9 @@ def dataset_id(path: Path, split: str) -> str:
     """A hash of what a dataset split is: its corpus, its queries and its judgements."""
     path = Path(path)
     return file_hash(path / "corpus.jsonl", path / "queries.jsonl", path / "qrels" / f"{split}.tsv")
+
+
+SYNTH = Path("SYNTH")  # as a dataset path in the settings: the run's synthetic dataset
 
 
 class Artefact:
@@ -219,16 +223,19 @@ class Run:
 
     # --- inputs ---------------------------------------------------------------------------
 
+    def data_path(self, path: Path) -> Path:
+        """A dataset folder of the settings, with SYNTH standing for the synthetic dataset the run wrote."""
+        return self.stage_folder("synth") / "data" if Path(path) == SYNTH else Path(path)
+
     def dataset(self, ref: DatasetRef) -> Dataset:
         key = (str(ref.path), ref.split, ref.max_queries)
         if key not in self._datasets:
-            full = load_dataset(ref.path, ref.split, strict=self.config.strict_data)
+            full = load_dataset(self.data_path(ref.path), ref.split, strict=self.config.strict_data)
             self._datasets[key] = full.sample(ref.max_queries, self.config.seed)
         return self._datasets[key]
 
-    @staticmethod
-    def dataset_inputs(refs: list[DatasetRef]) -> list:
-        return [[str(r.path), r.split, r.max_queries, dataset_id(r.path, r.split)] for r in refs]
+    def dataset_inputs(self, refs: list[DatasetRef]) -> list:
+        return [[str(r.path), r.split, r.max_queries, dataset_id(self.data_path(r.path), r.split)] for r in refs]
 
     # --- what was built -------------------------------------------------------------------
 
