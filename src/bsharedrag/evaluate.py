@@ -238,7 +238,8 @@ def evaluate(run: Run, data: Path, split: str, output: Path, top_k: int | None =
     for section, systems_scores in scores.items():  # means, 95% bootstrap intervals, and the per-query scores
         results[section] = {system: mean_scores(per_query) for system, per_query in systems_scores.items()}
         results.setdefault("intervals", {})[section] = {
-            system: bootstrap_intervals(per_query, settings.bootstrap_resamples, run.config.seed)
+            system: {metric: list(bounds) for metric, bounds in  # lists: the results read back as JSON
+                     bootstrap_intervals(per_query, settings.bootstrap_resamples, run.config.seed).items()}
             for system, per_query in systems_scores.items()}
     results["per_query"] = scores
     output = Path(output)
