@@ -166,6 +166,23 @@ class Dataset:
             self._docs = {doc.id: doc for doc in self.corpus}
         return self._docs
 
+    def best_judged(self, query_id: str) -> Document | None:
+        """The query's highest-graded judged passage (ties: the smallest id); None when it has none."""
+        relevant = self.qrels.get(query_id, {})
+        return self.docs[min(relevant, key=lambda doc_id: (-relevant[doc_id], doc_id))] if relevant else None
+
+    def answers_nothing(self, query: Query, doc: Document, judged_per_product: bool) -> bool:
+        """Whether `doc` is known not to answer `query`: it is not judged relevant, and it comes from another
+        product than the query's and its judged passages', unless the dataset judges every passage of a
+        product (`judged_per_product`: its unjudged passages of any product are irrelevant)."""
+        relevant = self.qrels.get(query.id, {})
+        if doc.id in relevant:
+            return False
+        if judged_per_product:
+            return True
+        products = {query.product_id} | {self.docs[d].product_id for d in relevant if d in self.docs}
+        return doc.product_id not in products - {None}
+
     def sample(self, max_queries: int | None, seed: int = 0) -> Dataset:
         """The same dataset with at most `max_queries` queries (a seeded sample); the corpus is kept whole."""
         if max_queries is None or len(self.queries) <= max_queries:

@@ -7,8 +7,8 @@ answers: `bsharedrag` (generator adapter) and `zero_shot` (the same backbone wit
 both given the same retrieved passages and the same prompt.
 
 With `eval.faithfulness`, two probes of whether the generator follows its passages (`faithfulness`):
-* withheld: every judged-relevant passage is removed from the retrieved ones (and, unless the data is
-  `judged_per_product`, every passage of the query's product), so the passages do not answer; the
+* withheld: the retrieved passages known not to answer (`Dataset.answers_nothing`: not judged relevant
+  and, unless the data is `judged_per_product`, of another product), so the passages do not answer; the
   answer should abstain (`model.prompt.is_abstention`). `answered_without_support` is the share
   that did not: answers that go beyond their passages.
 * polar: queries whose reference answers mostly start with "yes" or mostly with "no" (the crowd's
@@ -61,7 +61,7 @@ def _hybrid(run: Run, dataset: Dataset):
     """BM25 fused with the run's dense retriever, the weight chosen on the dataset's training questions
     (a sample, never the evaluated split), or on pseudo-queries from its corpus when it has none."""
     from .model.baselines import BM25Retriever
-    from .model.hybrid import HybridRetriever, choose_weight, pseudo_queries
+    from .model.hybrid import DEPTH, HybridRetriever, choose_weight, pseudo_queries
 
     settings = run.config.eval
     dense, lexical = run.retriever(dataset.path), BM25Retriever(dataset.corpus)
@@ -73,8 +73,7 @@ def _hybrid(run: Run, dataset: Dataset):
         pairs, source = pseudo_queries(dataset.corpus, settings.fusion_validation_queries, run.config.seed), \
             "pseudo-queries (passage spans)"
     questions = [question for question, _ in pairs]
-    depth = HybridRetriever(dense, lexical, 0.5).depth
-    weight, scores = choose_weight(dense.search(questions, depth), lexical.search(questions, depth),
+    weight, scores = choose_weight(dense.search(questions, DEPTH), lexical.search(questions, DEPTH),
                                    [relevant for _, relevant in pairs], settings.fusion)
     hybrid = HybridRetriever(dense, lexical, weight, settings.fusion)
     hybrid.chosen = {"method": settings.fusion, "weight": weight, "validation": source, "questions": len(pairs),
@@ -83,7 +82,7 @@ def _hybrid(run: Run, dataset: Dataset):
     return hybrid
 
 
-def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict, dict, dict]:
+def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict, dict, dict, dict]:
     """system -> {query id -> ranked doc ids}; also the BSharedRAG hits (for generation), timings, fusion weights."""
     runs, timings, dense_hits, fusion = {}, {}, {}, {}
     questions = [q.text for q in dataset.queries]
@@ -92,8 +91,9 @@ def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict
         retriever, rows = _retriever(run, dataset, system), []
         bar = progress(total=len(questions), desc=f"retrieve ({system})")
         for start in range(0, len(questions), _SEARCH_CHUNK):  # in chunks, for the progress bar
-            rows += retriever.search(questions[start: start + _SEARCH_CHUNK], _DEPTH)
-            bar.update(len(questions[start: start + _SEARCH_CHUNK]))
+            chunk = questions[start: start + _SEARCH_CHUNK]
+            rows += retriever.search(chunk, _DEPTH)
+            bar.update(len(chunk))
         bar.close()
         hits = dict(zip([q.id for q in dataset.queries], rows, strict=True))
         runs[system] = {qid: [hit.doc.id for hit in row] for qid, row in hits.items()}
@@ -107,14 +107,18 @@ def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict
     return runs, dense_hits, timings, fusion
 
 
+def _answered_queries(run: Run, dataset: Dataset) -> list:
+    """The queries with reference answers, at most `eval.max_generation_queries` of them."""
+    queries = [q for q in dataset.queries if q.answers]
+    return queries[: run.config.eval.max_generation_queries]  # a None bound keeps them all
+
+
 def _generation(run: Run, dataset: Dataset, dense_hits: dict, top_k: int) -> tuple[dict, dict]:
     """system -> per-query scores of its answers, and system -> the answers with their citations."""
     from .rag import RAG
 
     settings = run.config.eval
-    queries = [q for q in dataset.queries if q.answers]
-    if settings.max_generation_queries is not None:
-        queries = queries[: settings.max_generation_queries]
+    queries = _answered_queries(run, dataset)
     generator = run.adapter(run.generator_adapter)
     results, outputs = {}, {}
     for system in settings.generation_systems:
@@ -160,23 +164,20 @@ def faithfulness(run: Run, dataset: Dataset, dense_hits: dict, top_k: int) -> tu
     from .rag import RAG
 
     settings = run.config.eval
-    queries = [q for q in dataset.queries if q.answers]
-    if settings.max_generation_queries is not None:
-        queries = queries[: settings.max_generation_queries]
+    queries = _answered_queries(run, dataset)
     rag = RAG(run.backbone(), None, run.config.generator, adapter=run.adapter(run.generator_adapter))
     withheld, polar = {}, {}
     for query in progress(queries, desc="faithfulness probes"):
         relevant = dataset.qrels.get(query.id, {})
-        unsupported = [hit for hit in dense_hits[query.id] if hit.doc.id not in relevant
-                       and (settings.judged_per_product or hit.doc.product_id != query.product_id)][:top_k]
+        unsupported = [hit for hit in dense_hits[query.id]
+                       if dataset.answers_nothing(query, hit.doc, settings.judged_per_product)][:top_k]
         if unsupported:
             withheld[query.id] = rag.ask(query.text, passages=unsupported, max_new_tokens=settings.max_new_tokens).text
         expected = _reference_polarity(query.answers)
         if expected is not None:
             passages = list(dense_hits[query.id][:top_k])
             if relevant and not any(hit.doc.id in relevant for hit in passages):
-                best = min(relevant, key=lambda doc_id: (-relevant[doc_id], doc_id))
-                passages[-1:] = [Hit(dataset.docs[best], 0.0)]
+                passages[-1:] = [Hit(dataset.best_judged(query.id), 0.0)]
             text = rag.ask(query.text, passages=passages, max_new_tokens=settings.max_new_tokens).text
             polar[query.id] = {"expected": expected, "answer": text}
         trim_heap()

@@ -71,7 +71,7 @@ def replacing(target: Path) -> Iterator[Path]:
     """Yield a sibling path to write the new `target` at (a file or a folder); on success it takes
     `target`'s place, so a kill mid-write leaves the old `target` (or none), never half a new one."""
     target = Path(target)
-    partial = target.with_name(target.name + ".partial")
+    partial = _partial(target)
     settle(target, partial)
     remove_path(partial)
     try:
@@ -85,7 +85,11 @@ def replacing(target: Path) -> Iterator[Path]:
 def settled(target: Path) -> Path:
     """`target` after completing an interrupted `replacing(target)`: call it before reading a folder target."""
     target = Path(target)
-    return settle(target, target.with_name(target.name + ".partial"))
+    return settle(target, _partial(target))
+
+
+def _partial(target: Path) -> Path:
+    return target.with_name(target.name + ".partial")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

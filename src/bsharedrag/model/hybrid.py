@@ -23,9 +23,10 @@ from ..metrics import hit_at_k
 from ..text import has_cjk, words
 from .index import Hit
 
-__all__ = ["FUSIONS", "HybridRetriever", "choose_weight", "fuse", "pseudo_queries"]
+__all__ = ["DEPTH", "FUSIONS", "HybridRetriever", "choose_weight", "fuse", "pseudo_queries"]
 
 FUSIONS = ("rrf", "interpolate")
+DEPTH = 50  # candidates taken from each side before fusing
 _RRF_K = 60
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -54,7 +55,7 @@ class HybridRetriever:
 
     name = "hybrid"
 
-    def __init__(self, dense, lexical, weight: float, method: str = "rrf", depth: int = 50):
+    def __init__(self, dense, lexical, weight: float, method: str = "rrf", depth: int = DEPTH):
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"the fusion weight must lie in [0, 1], got {weight}")
         self.dense, self.lexical, self.weight, self.method, self.depth = dense, lexical, weight, method, depth

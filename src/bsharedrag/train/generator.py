@@ -89,24 +89,16 @@ def _retrieve(retriever: DenseRetriever, queries: list, top_k: int) -> dict[str,
     return found
 
 
-def _with_gold(
-    retrieved: list[Document], relevant: dict[str, int], docs: dict[str, Document], settings: GeneratorConfig, rng
-) -> list[Document]:
+def _with_gold(retrieved: list[Document], dataset: Dataset, query_id: str, settings: GeneratorConfig, rng
+               ) -> list[Document]:
     passages = list(retrieved[: settings.top_k])
+    relevant = dataset.qrels.get(query_id, {})
     if not relevant or any(doc.id in relevant for doc in passages) or rng.random() >= settings.gold_rate:
         return passages
-    best = min(relevant, key=lambda doc_id: (-relevant[doc_id], doc_id))
     if len(passages) >= settings.top_k:
         passages.pop()
-    passages.insert(rng.randrange(len(passages) + 1), docs[best])
+    passages.insert(rng.randrange(len(passages) + 1), dataset.best_judged(query_id))
     return passages
-
-
-def _unsupported(retrieved: list[Document], relevant: dict[str, int], products: set, judged: bool,
-                 top_k: int) -> tuple[Document, ...]:
-    """The best-ranked passages known not to answer the query (see the module docstring)."""
-    known = [doc for doc in retrieved if doc.id not in relevant and (judged or doc.product_id not in products)]
-    return tuple(known[:top_k])
 
 
 def build_triples(
@@ -146,14 +138,14 @@ def build_triples(
                 answers = rng.sample(answers, MAX_ANSWERS_PER_QUERY)
             relevant = dataset.qrels.get(query.id, {})
             for answer in answers:
-                passages = _with_gold(retrieved[query.id], relevant, dataset.docs, settings, rng) if retrieved else []
+                passages = _with_gold(retrieved[query.id], dataset, query.id, settings, rng) if retrieved else []
                 cited = tuple(number for number, doc in enumerate(passages, 1) if doc.id in relevant)
                 if abstain and judged and not cited:
                     answer = abstention_answer(query.text)
                 triples.append(Triple(query.text, tuple(passages), answer.strip(), cited, query.id))
             if abstain and rng.random() < settings.abstain_rate:
-                products = {query.product_id} | {dataset.docs[d].product_id for d in relevant if d in dataset.docs}
-                passages = _unsupported(retrieved[query.id], relevant, products - {None}, judged, settings.top_k)
+                passages = tuple(doc for doc in retrieved[query.id]
+                                 if dataset.answers_nothing(query, doc, judged))[: settings.top_k]
                 if passages:
                     triples.append(Triple(query.text, passages, abstention_answer(query.text), (), query.id))
     if not triples:
