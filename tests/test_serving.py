@@ -158,3 +158,25 @@ def test_web_page_and_its_assets_are_served(client):
         response = client.get(icon)
         assert response.status_code == 200 and response.headers["content-type"].startswith("image/svg+xml")
     assert "/v1/search" in client.get("/openapi.json").json()["paths"]
+
+
+def test_concurrent_asks_are_decoded_together_and_answer_as_they_do_alone(client, served_rag, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bsharedrag.model import generate as generation
+
+    questions = [QUESTION, "is it waterproof?", "how long is the battery life?", "does it fit a small bag?"]
+    alone = [client.post("/v1/ask", json={"question": q}).json()["answer"] for q in questions]
+    rows = []
+    step = generation.DecodeBatch.step
+    monkeypatch.setattr(generation.DecodeBatch, "step", lambda self: (rows.append(len(self.running)), step(self))[1])
+    with ThreadPoolExecutor(len(questions)) as pool:
+        together = list(pool.map(lambda q: client.post("/v1/ask", json={"question": q}).json()["answer"], questions))
+    assert together == alone
+    assert max(rows) > 1, "no decode step ran more than one answer"
+
+
+def test_a_kv_budget_too_small_for_one_answer_is_refused_at_start_up(served_rag, served_run):
+    with pytest.raises(ValueError, match="serve.kv_cache_mib"):
+        with make_client(served_rag, served_run, "serve.kv_cache_mib=0.001"):
+            pass

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from bsharedrag.serving.scheduler import QueueFull, Scheduler
+from bsharedrag.serving.scheduler import QueueFull, Scheduler, TooLarge
 
 
 @pytest.fixture
@@ -172,3 +172,39 @@ def test_one_failing_item_fails_only_its_own_job(scheduler):
     with pytest.raises(ValueError, match="cannot embed 'bad'"):
         futures[1].result(10)
     assert calls[0] == ["a", "bad", "c", "d"] and sorted(map(tuple, calls[1:])) == [("a",), ("bad",), ("c",), ("d",)]
+
+
+def test_streams_over_the_memory_budget_wait_for_running_ones_and_one_too_large_is_refused():
+    scheduler = Scheduler(capacity=16, max_batch=4, memory_budget=100)
+    scheduler.start()
+    running, peak = [], []
+
+    def answer(name):
+        def steps():
+            running.append(name)
+            peak.append(scheduler.reserved)
+            try:
+                for _ in range(3):
+                    yield name
+            finally:
+                running.remove(name)
+        return steps
+
+    async def ask(name):
+        return [item async for item in scheduler.stream(answer(name), reserve=40)]
+
+    async def main():
+        return await asyncio.gather(*(ask(name) for name in "abcde"))
+
+    try:
+        assert asyncio.run(main()) == [[name] * 3 for name in "abcde"]
+        assert max(peak) <= 80  # never more than two answers of 40 within 100
+        assert scheduler.reserved == 0
+
+        async def too_large():
+            return [item async for item in scheduler.stream(answer("x"), reserve=101)]
+
+        with pytest.raises(TooLarge, match="serve.kv_cache_mib"):
+            asyncio.run(too_large())
+    finally:
+        scheduler.stop(timeout=10)

@@ -295,6 +295,10 @@ class ServeConfig(Section):
         256, gt=0, description="Model jobs admitted at once (queued or generating); more get 503 and Retry-After."
     )
     max_search_batch: int = Field(32, gt=0, description="Queued searches embedded together in one forward pass.")
+    kv_cache_mib: float = Field(
+        1024, gt=0, description="KV cache that the answers being generated together may hold; an answer that "
+        "does not fit waits in the queue for running ones to finish."
+    )
     upsert_slice_documents: int = Field(
         16, gt=0, description="Documents an upsert embeds before searches and answers queued meanwhile get a turn."
     )

@@ -139,13 +139,17 @@ class RAG:
         over chunks is held back until it closes), then the `Answer`."""
         yield Retrieved(hits)
         parts, pending = [], ""
-        for chunk in chunks:
-            pending += chunk
-            cut = open_citation_start(pending)
-            ready, pending = drop_foreign_citations(pending[:cut], len(hits)), pending[cut:]
-            if ready:
-                parts.append(ready)
-                yield ready
+        try:
+            for chunk in chunks:
+                pending += chunk
+                cut = open_citation_start(pending)
+                ready, pending = drop_foreign_citations(pending[:cut], len(hits)), pending[cut:]
+                if ready:
+                    parts.append(ready)
+                    yield ready
+        finally:  # a reader that stops early frees the answer's place in the decode batch at once
+            if hasattr(chunks, "close"):
+                chunks.close()
         if rest := drop_foreign_citations(pending, len(hits)):
             parts.append(rest)
             yield rest

@@ -144,6 +144,7 @@ class SharedBackbone:
         self._lora_layers: list = []
         self._has_module_copies = False
         self._active: str | None = None
+        self.decode_batches: dict = {}  # adapter -> the answers being decoded with it (model.generate.DecodeBatch)
 
     @classmethod
     def load(cls, config: BackboneConfig, path: Path | str | None = None) -> SharedBackbone:

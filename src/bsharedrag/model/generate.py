@@ -10,13 +10,21 @@ LoRA active) against about 3 ms (4 ms) for the lean loop, which also never grows
 The prompt is encoded under the backbone's autocast (bf16 where the hardware has it: faster time to
 first token); single-token decode steps always run in fp32, because autocast re-casts every weight
 at every step, which makes batch-1 CPU decoding several times slower (see `scripts/bench_generate.py`).
+
+Answers streamed at the same time are decoded together (continuous batching, `DecodeBatch`): each
+decode step is one forward pass over every running answer, which reads the weights once for all of
+them. Each answer keeps its own KV cache (ragged, no padding): the projections and the MLP run over
+all rows at once, attention per row over its own length. Prompts are prefilled one at a time, as
+they join at a step boundary: prefill is compute-bound, so batching prompts would save little.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,7 +35,10 @@ from .prompt import turn_end_id
 if TYPE_CHECKING:
     from .backbone import SharedBackbone
 
-__all__ = ["GREEDY_BELOW", "IncrementalDecoder", "generate", "stop_token_ids", "stream_tokens"]
+__all__ = [
+    "GREEDY_BELOW", "DecodeBatch", "IncrementalDecoder", "decode_batch", "generate", "kv_cache_bytes", "stop_token_ids",
+    "stream_tokens",
+]
 
 _LEAN_MODEL_TYPES = ("llama", "qwen2")
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa
@@ -142,12 +153,15 @@ def _rms_norm(x: torch.Tensor, scaled_weight: torch.Tensor, scaled_eps: float) -
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + scaled_eps) * scaled_weight
 
 
-class _LeanDecoder:
-    """A Llama-style forward pass for one sequence, on 2-D (tokens, features) tensors with a preallocated
-    KV cache: a handful of tensor ops per layer instead of transformers' general machinery."""
+class _LeanModel:
+    """A Llama-style forward pass on 2-D (tokens, features) tensors over the model's own weights, with
+    one preallocated KV cache per sequence: a handful of tensor ops per layer instead of transformers'
+    general machinery. `__call__` runs the tokens of one sequence (a prompt, or one decoding step);
+    `rows` runs one new token of each of several sequences in one batched pass."""
 
-    def __init__(self, model, adapter: str | None, max_len: int, device):
+    def __init__(self, model, adapter: str | None, device):
         core, config = model.model, model.config
+        self.device = device
         self.embed = core.embed_tokens
         self.final_norm = _norm(core.norm)
         self.head = _linear(model.lm_head, adapter)
@@ -161,18 +175,35 @@ class _LeanDecoder:
             )
             for layer in core.layers
         ]
+        self.rotary_emb = core.rotary_emb
         self.head_dim = core.layers[0].self_attn.head_dim
         self.scale = core.layers[0].self_attn.scaling
         self.n_kv = config.num_key_value_heads
         self.group = config.num_attention_heads // self.n_kv  # query heads per KV head
-        dtype = self.embed.weight.dtype
-        probe = torch.empty(0, device=device, dtype=dtype)
-        cos, sin = core.rotary_emb(probe, torch.arange(max_len, device=device)[None])  # (1, max_len, head_dim)
-        self.cos, self.sin = cos[0, :, None], sin[0, :, None]  # (max_len, 1, head_dim)
-        self.half_turn = _half_turn(self.head_dim, cos.dtype, device)
-        # Keys are stored transposed, (kv, head_dim, max_len), so q @ k^T reads a row-major slice.
-        self.keys = [torch.empty(self.n_kv, self.head_dim, max_len, device=device, dtype=dtype) for _ in self.layers]
-        self.values = [torch.empty(self.n_kv, max_len, self.head_dim, device=device, dtype=dtype) for _ in self.layers]
+        self.dtype = self.embed.weight.dtype
+        self.positions = 0  # RoPE tables cover positions below this
+        self._cover(1)
+
+    def _cover(self, positions: int) -> None:
+        """RoPE tables for `positions` positions (grown as longer sequences join)."""
+        if positions <= self.positions:
+            return
+        probe = torch.empty(0, device=self.device, dtype=self.dtype)
+        cos, sin = self.rotary_emb(probe, torch.arange(positions, device=self.device)[None])  # (1, n, head_dim)
+        self.cos, self.sin = cos[0, :, None], sin[0, :, None]  # (n, 1, head_dim)
+        self.half_turn = _half_turn(self.head_dim, cos.dtype, self.device)
+        self.positions = positions
+
+    def new_cache(self, max_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Empty (keys, values) for one sequence of at most `max_len` tokens.
+
+        Keys are stored transposed, (kv, head_dim, max_len), so q @ k^T reads a row-major slice.
+        """
+        self._cover(max_len)
+        shape = (self.n_kv, self.head_dim, max_len), (self.n_kv, max_len, self.head_dim)
+        keys = [torch.empty(shape[0], device=self.device, dtype=self.dtype) for _ in self.layers]
+        values = [torch.empty(shape[1], device=self.device, dtype=self.dtype) for _ in self.layers]
+        return keys, values
 
     def _rotary(self, start: int, end: int):
         """Functions applying RoPE to keys and queries (t, heads, head_dim) at positions start..end-1.
@@ -205,13 +236,13 @@ class _LeanDecoder:
         weights = torch.softmax(torch.bmm(q, keys_t), dim=-1)  # (kv, group, seen)
         return torch.bmm(weights, values).view(1, -1)
 
-    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits (vocab,) after the tokens `ids` (t,) placed at positions start..start+t-1."""
+    def __call__(self, ids: torch.Tensor, start: int, cache) -> torch.Tensor:
+        """Logits (vocab,) after the tokens `ids` (t,) of one sequence placed at positions start..start+t-1."""
         length = ids.shape[0]
         end = start + length
         rotate_keys, rotate_queries = self._rotary(start, end)
         x = self.embed(ids)  # (t, hidden)
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
+        for layer, keys, values in zip(self.layers, *cache):
             norm_in, (q_proj, k_proj, v_proj, o_proj), norm_mid, (gate, up, down), act = layer
             h = _rms_norm(x, *norm_in)
             keys[:, :, start:end] = rotate_keys(k_proj(h).view(length, -1, self.head_dim)).permute(1, 2, 0)
@@ -222,34 +253,199 @@ class _LeanDecoder:
             x = x + down(act(gate(h)) * up(h))
         return self.head(_rms_norm(x[-1:], *self.final_norm))[0]
 
+    def rows(self, tokens: torch.Tensor, positions: list[int], caches: list) -> torch.Tensor:
+        """Logits (rows, vocab) after one token per sequence: `tokens[i]` at `positions[i]` of `caches[i]`.
 
-class _CachedDecoder:
-    """The generic path: the model's own forward with a transformers cache."""
+        Every projection and the MLP run once over all rows (decoding reads the weights once for the
+        whole batch); attention runs per row over that row's own cache, so sequences of any length
+        share a step without padding.
+        """
+        rows = tokens.shape[0]
+        at = torch.tensor(positions, device=self.device)
+        cos, sin = self.cos[at], self.sin[at]  # (rows, 1, head_dim)
+        x = self.embed(tokens)  # (rows, hidden)
+        for layer_index, layer in enumerate(self.layers):
+            norm_in, (q_proj, k_proj, v_proj, o_proj), norm_mid, (gate, up, down), act = layer
+            h = _rms_norm(x, *norm_in)
+            k = k_proj(h).view(rows, -1, self.head_dim)
+            k = k * cos + (k @ self.half_turn) * sin  # (rows, kv, head_dim)
+            v = v_proj(h).view(rows, -1, self.head_dim)
+            q = q_proj(h).view(rows, -1, self.head_dim)
+            q = (q * cos + (q @ self.half_turn) * sin) * self.scale  # (rows, heads, head_dim)
+            attended = []
+            for row, ((keys, values), position) in enumerate(zip(caches, positions)):
+                keys, values = keys[layer_index], values[layer_index]
+                keys[:, :, position] = k[row]
+                values[:, position] = v[row]
+                attended.append(self._attend(q[row : row + 1], keys[:, :, : position + 1], values[:, : position + 1]))
+            x = x + o_proj(torch.cat(attended))
+            h = _rms_norm(x, *norm_mid)
+            x = x + down(act(gate(h)) * up(h))
+        return self.head(_rms_norm(x, *self.final_norm))
+
+
+class _GenericModel:
+    """The generic path: the model's own forward with one transformers cache per sequence; `rows`
+    runs the sequences one after another (architectures other than Llama's are not batched)."""
 
     def __init__(self, model):
-        from transformers import DynamicCache
-
         self.model = model
-        self.cache = DynamicCache(config=model.config)
         # transformers 5 renamed `past_key_values` to `cache`; the old name only warns until 5.40.
         name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.cache_argument = name
 
-    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        kwargs = {self.cache_argument: self.cache}
+    def new_cache(self, max_len: int):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def __call__(self, ids: torch.Tensor, start: int, cache) -> torch.Tensor:
+        kwargs = {self.cache_argument: cache}
         return self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1, **kwargs).logits[0, -1]
 
+    def rows(self, tokens: torch.Tensor, positions: list[int], caches: list) -> torch.Tensor:
+        return torch.stack([self(tokens[i : i + 1], positions[i], cache) for i, cache in enumerate(caches)])
 
-def _decoder(backbone: SharedBackbone, adapter: str | None, max_len: int):
-    model = backbone.base
+
+def _is_lean(model) -> bool:
     config = model.config
-    lean = (
+    return (
         getattr(config, "model_type", None) in _LEAN_MODEL_TYPES
         and not getattr(config, "use_sliding_window", False)  # the lean loop attends to every position
         and hasattr(getattr(model, "model", None), "rotary_emb")
         and _SDPA_HAS_GQA
     )
-    return _LeanDecoder(model, adapter, max_len, backbone.device) if lean else _CachedDecoder(model)
+
+
+def _forward_model(backbone: SharedBackbone, adapter: str | None):
+    model = backbone.base
+    return _LeanModel(model, adapter, backbone.device) if _is_lean(model) else _GenericModel(model)
+
+
+def kv_cache_bytes(backbone: SharedBackbone, tokens: int) -> int:
+    """Bytes of the KV cache that one sequence of `tokens` tokens holds while it is decoded."""
+    config = backbone.base.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = backbone.base.get_input_embeddings().weight.element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element * tokens
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One answer being decoded: its cache, the next token to feed, and the text not yet taken."""
+
+    cache: object
+    pick: Callable[[torch.Tensor], int]
+    stops: set[int]
+    text: IncrementalDecoder
+    position: int  # where `token` goes when it is fed
+    left: int  # tokens it may still generate
+    token: int = -1
+    chunks: collections.deque = field(default_factory=collections.deque)
+    done: bool = False
+    error: BaseException | None = None
+
+    def accept(self, token: int) -> None:
+        """Take the token just picked: its text, or the end of the answer."""
+        self.left -= 1
+        if token in self.stops:
+            self.finish()
+            return
+        if chunk := self.text.push(token):
+            self.chunks.append(chunk)
+        self.token = token
+        if self.left == 0:
+            self.finish()
+
+    def finish(self) -> None:
+        if tail := self.text.flush():
+            self.chunks.append(tail)
+        self.done, self.cache = True, None  # the cache is freed at once, before its text is read
+
+
+class DecodeBatch:
+    """The answers being decoded on one backbone with one adapter, advanced together.
+
+    A sequence joins with its prompt (prefilled alone, under the backbone's autocast) and leaves
+    when it ends, when its reader closes its stream, or when a step fails. `step()` feeds the last
+    token of every running sequence in one batched forward pass (fp32, see the module docstring),
+    so a batch of answers costs about one weight read per token instead of one per answer. A
+    sequence running alone takes the batch-1 path, which is as fast as it was before batching.
+    """
+
+    def __init__(self, backbone: SharedBackbone, adapter: str | None):
+        self.backbone = backbone
+        self.adapter = adapter
+        self.running: list[_Sequence] = []
+        self._model = None  # built when the batch fills, dropped when it empties (adapters may change between)
+
+    def _forward(self):
+        if self._model is None:
+            self._model = _forward_model(self.backbone, self.adapter)
+        return self._model
+
+    def join(self, prompt_ids: list[int], max_new_tokens: int, pick: Callable[[torch.Tensor], int]) -> _Sequence:
+        """Prefill `prompt_ids` and pick the first token; the sequence runs from now on."""
+        backbone = self.backbone
+        with torch.inference_mode(), backbone.adapter(self.adapter), backbone.autocast_context():
+            model = self._forward()
+            sequence = _Sequence(
+                model.new_cache(len(prompt_ids) + max_new_tokens), pick,
+                stop_token_ids(backbone.tokenizer, backbone.base), IncrementalDecoder(backbone.tokenizer),
+                position=len(prompt_ids), left=max_new_tokens,
+            )
+            logits = model(torch.tensor(prompt_ids, device=backbone.device), 0, sequence.cache)
+        sequence.accept(pick(logits))
+        if not sequence.done:
+            self.running.append(sequence)
+        return sequence
+
+    def step(self) -> None:
+        """Feed every running sequence its last token and pick its next one, in one forward pass."""
+        rows = self.running
+        if not rows:
+            return
+        try:
+            with torch.inference_mode(), self.backbone.adapter(self.adapter):
+                model = self._forward()
+                tokens = torch.tensor([row.token for row in rows], device=self.backbone.device)
+                positions = [row.position for row in rows]
+                if len(rows) == 1:
+                    logits = model(tokens, positions[0], rows[0].cache)[None]
+                else:
+                    logits = model.rows(tokens, positions, [row.cache for row in rows])
+                picked = [row.pick(row_logits) for row, row_logits in zip(rows, logits)]
+        except Exception as error:  # a failed step fails every answer in it, and nothing else
+            for row in rows:
+                row.error = error
+                row.finish()
+            self.running = []
+            self._model = None
+            raise
+        for row, token in zip(rows, picked):
+            row.position += 1
+            row.accept(token)
+        self.running = [row for row in rows if not row.done]
+        if not self.running:
+            self._model = None
+
+    def leave(self, sequence: _Sequence) -> None:
+        """Stop decoding `sequence` (its reader is gone) and free its cache."""
+        if sequence in self.running:
+            self.running.remove(sequence)
+            sequence.finish()
+        if not self.running:
+            self._model = None
+
+
+def decode_batch(backbone: SharedBackbone, adapter: str | None) -> DecodeBatch:
+    """The batch of answers decoded on `backbone` with `adapter`: every stream of them joins this one."""
+    batches = backbone.decode_batches
+    if adapter not in batches:
+        batches[adapter] = DecodeBatch(backbone, adapter)
+    return batches[adapter]
 
 
 def stream_tokens(
@@ -267,6 +463,9 @@ def stream_tokens(
     Greedy at `temperature` 0 (and below `GREEDY_BELOW`), else nucleus sampling (`top_p`, seeded by `seed`). `adapter` (None: the
     bare base model) is active during each forward pass only, so code that runs between two chunks may
     use the backbone with another adapter.
+
+    Streams open at the same time on one backbone and adapter are decoded together (`DecodeBatch`):
+    reading the next chunk of any of them advances all of them by one token.
     """
     if not prompt_ids:
         raise ValueError("`prompt_ids` is empty; build the prompt with bsharedrag.model.prompt.build_prompt")
@@ -278,30 +477,24 @@ def stream_tokens(
         raise KeyError(f"unknown adapter {adapter!r}; known adapters: {backbone.adapters or 'none'}")
     rng = torch.Generator(device=backbone.device).manual_seed(seed) if seed is not None else None
     pick = functools.partial(_next_token, temperature=temperature, top_p=top_p, rng=rng)
-    return _stream(backbone, prompt_ids, max_new_tokens, adapter, pick)
+    return _stream(decode_batch(backbone, adapter), prompt_ids, max_new_tokens, pick)
 
 
-def _stream(backbone: SharedBackbone, prompt_ids: list[int], max_new_tokens: int, adapter, pick) -> Iterator[str]:
-    stops = stop_token_ids(backbone.tokenizer, backbone.base)
-    text = IncrementalDecoder(backbone.tokenizer)
+def _stream(batch: DecodeBatch, prompt_ids: list[int], max_new_tokens: int, pick) -> Iterator[str]:
     # Inference mode and the adapter are entered per forward pass, never held across a `yield`:
     # they are thread state, and the consumer runs its own code between two chunks.
-    with torch.inference_mode(), backbone.adapter(adapter), backbone.autocast_context():
-        step = _decoder(backbone, adapter, len(prompt_ids) + max_new_tokens)
-        token = pick(step(torch.tensor(prompt_ids, device=backbone.device), 0))
-    for position in range(len(prompt_ids), len(prompt_ids) + max_new_tokens):
-        if token in stops:
-            break
-        chunk = text.push(token)
-        if chunk:
-            yield chunk
-        if position == len(prompt_ids) + max_new_tokens - 1:
-            break
-        with torch.inference_mode(), backbone.adapter(adapter):
-            token = pick(step(torch.tensor([token], device=backbone.device), position))
-    tail = text.flush()
-    if tail:
-        yield tail
+    sequence = batch.join(prompt_ids, max_new_tokens, pick)
+    try:
+        while True:
+            while sequence.chunks:
+                yield sequence.chunks.popleft()
+            if sequence.done:
+                break
+            batch.step()
+        if sequence.error is not None:
+            raise sequence.error
+    finally:
+        batch.leave(sequence)
 
 
 def generate(backbone: SharedBackbone, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> str:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..data import Document
+from ..model.generate import kv_cache_bytes
 from ..model.prompt import encode_prompt
 from ..rag import RAG, Answer
 from .catalogue import upsert_steps
@@ -107,7 +108,8 @@ class Engine:
         def start() -> Iterator[str | Answer]:
             return rag.stream(question, top_k, product_id, max_new_tokens, **sampling)
 
-        async with aclosing(self.scheduler.stream(start)) as parts:  # closing it cancels the job
+        reserve = kv_cache_bytes(self.rag.backbone, rag.settings.max_prompt_len + max_new_tokens)
+        async with aclosing(self.scheduler.stream(start, reserve)) as parts:  # closing it cancels the job
             async for part in parts:
                 if isinstance(part, Answer):
                     self.metrics.tokens.labels(endpoint).inc(self.count_tokens(part.text))

@@ -34,6 +34,9 @@ class Metrics:
         self.tokens = Counter("bsharedrag_generated_tokens", "Answer tokens generated.", ["endpoint"], registry=r)
         self.embedded = Counter("bsharedrag_embedded_texts", "Texts embedded, by kind.", ["kind"], registry=r)
         self.queue_depth = Gauge("bsharedrag_queue_depth", "Model jobs queued or streaming.", registry=r)
+        self.kv_reserved = Gauge(
+            "bsharedrag_kv_reserved_bytes", "KV cache reserved by the answers being generated.", registry=r
+        )
         self.queue_wait = Histogram(
             "bsharedrag_queue_wait_seconds", "Time a model job waited before it started.", buckets=_LATENCY_BUCKETS,
             registry=r,

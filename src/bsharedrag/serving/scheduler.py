@@ -15,7 +15,13 @@ Three kinds of job:
 - `stream`: an iterator (answer generation). The worker advances it by one chunk, then puts it at the
   back of the queue, so searches and other answers interleave with a long answer instead of waiting
   for it. `stream_tokens` enters the adapter per forward pass, never across a `yield`, which is what
-  makes this interleaving safe.
+  makes this interleaving safe. Answers streaming at once are decoded together: the first of them
+  whose next chunk is not ready runs one batched decode step for all (`model.generate.DecodeBatch`),
+  the others find their chunks ready, so one round of the queue costs one forward pass.
+
+A stream may reserve memory (`reserve`, the KV cache an answer can grow to). The reserved total stays
+within `memory_budget`: a stream that does not fit waits in the queue, untouched, until running
+answers finish; one that could never fit is refused at submission (`TooLarge`).
 
 The queue admits at most `capacity` jobs (queued or streaming); past that `submit` raises
 `QueueFull` at once, which the API turns into 503 with Retry-After instead of an unbounded backlog.
@@ -33,7 +39,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["QueueFull", "Scheduler"]
+__all__ = ["QueueFull", "Scheduler", "TooLarge"]
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -41,6 +47,10 @@ _DONE = object()
 
 class QueueFull(RuntimeError):
     """The scheduler already holds `capacity` jobs."""
+
+
+class TooLarge(ValueError):
+    """A stream reserves more memory than the scheduler's whole budget."""
 
 
 @dataclass
@@ -54,17 +64,21 @@ class _Job:
     emit: Callable[[Any], None] | None = None  # stream jobs: thread-safe hand-over of each chunk
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
+    reserve: int = 0  # stream jobs: bytes held from their first step to their end
+    holding: bool = False
 
 
 class Scheduler:
     """A bounded job queue served by one worker thread that owns the model."""
 
-    def __init__(self, capacity: int = 256, max_batch: int = 32, metrics=None):
+    def __init__(self, capacity: int = 256, max_batch: int = 32, metrics=None, memory_budget: int | None = None):
         if capacity <= 0 or max_batch <= 0:
             raise ValueError(f"capacity and max_batch must be positive, got {capacity} and {max_batch}")
         self.capacity = capacity
         self.max_batch = max_batch
         self.metrics = metrics
+        self.memory_budget = memory_budget  # None: unbounded
+        self.reserved = 0  # bytes held by running streams (only the worker changes it)
         self._queue: collections.deque[_Job] = collections.deque()
         self._admitted = 0  # queued + streaming jobs; streams re-queued after a step are not re-admitted
         self._cond = threading.Condition()
@@ -120,15 +134,20 @@ class Scheduler:
     async def run_batched(self, key: str, batch_fn: Callable[[list], list], item: Any) -> Any:
         return await asyncio.wrap_future(self.submit_batched(key, batch_fn, item))
 
-    async def stream(self, factory: Callable[[], Iterator]) -> AsyncIterator:
+    async def stream(self, factory: Callable[[], Iterator], reserve: int = 0) -> AsyncIterator:
         """Items of the iterator `factory()` (created and advanced on the worker), as they come.
 
-        Raises QueueFull before the first item when the queue is full. Leaving the loop early (a client
-        that disconnects) cancels the job: the worker closes the iterator at its next turn.
+        Raises QueueFull before the first item when the queue is full, TooLarge when `reserve` bytes
+        exceed the memory budget. Leaving the loop early (a client that disconnects) cancels the job:
+        the worker closes the iterator at its next turn.
         """
+        if self.memory_budget is not None and reserve > self.memory_budget:
+            raise TooLarge(f"this answer may need {reserve / 2**20:.1f} MiB of KV cache, more than the server's "
+                           f"budget of {self.memory_budget / 2**20:.1f} MiB (serve.kv_cache_mib): ask for fewer tokens")
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
-        job = self._admit(_Job("stream", factory, emit=lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item)))
+        emit = lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item)  # noqa: E731
+        job = self._admit(_Job("stream", factory, emit=emit, reserve=reserve))
         try:
             while True:
                 item = await inbox.get()
@@ -145,6 +164,7 @@ class Scheduler:
     def _set_depth(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._admitted)
+            self.metrics.kv_reserved.set(self.reserved)
 
     def _next_jobs(self) -> list[_Job] | None:
         """The next job, or a run of queued batched jobs sharing its key; None once stopping and empty."""
@@ -227,6 +247,13 @@ class Scheduler:
         if job.cancelled.is_set():
             self._finish_stream(job, None)
             return
+        if not job.holding and job.reserve:
+            if self.memory_budget is not None and self.reserved + job.reserve > self.memory_budget:
+                self._requeue(job)  # waits for running answers to free their memory
+                return
+            self.reserved += job.reserve
+            job.holding = True
+            self._set_depth()
         try:
             if job.iterator is None:
                 job.iterator = iter(job.fn())
@@ -242,6 +269,9 @@ class Scheduler:
     def _finish_stream(self, job: _Job, last: Any) -> None:
         if job.iterator is not None and hasattr(job.iterator, "close"):
             job.iterator.close()
+        if job.holding:
+            self.reserved -= job.reserve
+            job.holding = False
         if last is not None:
             self._emit(job, last)
         self._release(1)
