@@ -71,18 +71,33 @@ def _time_reference(backbone, prompt_ids, new_tokens, adapter, lean: bool, decod
     with torch.inference_mode(), backbone.adapter(adapter):
         start = time.perf_counter()
         with backbone.autocast_context():
-            if lean:
-                decoder = generation._LeanDecoder(backbone.base, adapter, len(prompt_ids) + new_tokens, "cpu")
-            else:
-                decoder = generation._CachedDecoder(backbone.base)
-            token = int(decoder(torch.tensor(prompt_ids), 0).argmax())
+            model = generation._LeanModel(backbone.base, adapter, "cpu") if lean else generation._GenericModel(backbone.base)
+            cache = model.new_cache(len(prompt_ids) + new_tokens)
+            token = int(model(torch.tensor(prompt_ids), 0, cache).argmax())
         first = time.perf_counter()
         decode_context = backbone.autocast_context() if decode_autocast else contextlib.nullcontext()
         with decode_context:
             for position in range(len(prompt_ids), len(prompt_ids) + new_tokens - 1):
-                token = int(decoder(torch.tensor([token]), position).argmax())
+                token = int(model(torch.tensor([token]), position, cache).argmax())
         end = time.perf_counter()
     return first - start, (new_tokens - 1) / (end - first)
+
+
+def _time_batch(backbone, prompt_ids, new_tokens, adapter, answers: int) -> tuple[float, float]:
+    """(seconds until every answer has its first chunk, aggregate decode tokens/s) for `answers`
+    streams decoded together (`DecodeBatch`), read round-robin as the server reads them."""
+    start = time.perf_counter()
+    streams = [generation.stream_tokens(backbone, prompt_ids, new_tokens, adapter=adapter) for _ in range(answers)]
+    for stream in streams:  # prefills, one after another
+        next(stream)
+    first = time.perf_counter()
+    live = list(streams)
+    while live:
+        for stream in list(live):
+            if next(stream, None) is None:
+                live.remove(stream)
+    end = time.perf_counter()
+    return first - start, answers * (new_tokens - 1) / (end - first)
 
 
 def main() -> None:
@@ -91,6 +106,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--batch", nargs="+", type=int, default=[],
+                        help="also decode this many answers together (e.g. 1 8 32): aggregate tokens/s")
     args = parser.parse_args()
 
     backbone = SharedBackbone.load(BackboneConfig(precision="fp32", threads=args.threads))
@@ -124,6 +141,12 @@ def main() -> None:
             rate = statistics.median(r[1] for r in runs)
             print(f"{label:34} {adapter or 'none':10} {repeats:4} {ttft:14.3f} {rate:13.1f} {bound:12.1f} "
                   f"{100 * rate / bound:7.0f}%", flush=True)
+    backbone.autocast = bf16
+    for answers in args.batch:
+        runs = [_time_batch(backbone, prompt_ids, args.new_tokens, "generator", answers) for _ in range(args.repeats)]
+        print(f"{answers} answers decoded together (generator, bf16 prompt): all first tokens after "
+              f"{statistics.median(r[0] for r in runs):.3f} s, {statistics.median(r[1] for r in runs):.1f} "
+              "generated tokens/s in all", flush=True)
     print(f"bandwidth at the end: {weight_gb * _bound_tokens_per_second(backbone):.1f} GB/s")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 

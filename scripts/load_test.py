@@ -78,19 +78,32 @@ async def level(url: str, endpoint: str, clients: int, requests: int, max_new_to
                     latencies.append(latency)
                     firsts.append(first)
 
+        tokens_before = await _generated_tokens(http)
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - started
+        tokens = await _generated_tokens(http) - tokens_before
     row = {"endpoint": endpoint, "clients": clients, "requests": requests, "errors": len(errors),
            "throughput_rps": round(len(latencies) / wall, 2)}
+    if endpoint == "ask":
+        row["generated_tokens_per_s"] = round(tokens / wall, 1)
     if latencies:
         row |= {"p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 1),
                 "p95_ms": round(float(np.percentile(latencies, 95)) * 1000, 1)}
     if endpoint == "ask" and firsts:
-        row |= {"ttft_p50_ms": round(float(np.percentile(firsts, 50)) * 1000, 1)}
+        row |= {"ttft_p50_ms": round(float(np.percentile(firsts, 50)) * 1000, 1),
+                "ttft_p95_ms": round(float(np.percentile(firsts, 95)) * 1000, 1)}
     if errors:
         row["first_error"] = errors[0]
     return row
+
+
+async def _generated_tokens(http: httpx.AsyncClient) -> float:
+    """The server's count of answer tokens generated so far (from /metrics)."""
+    response = await http.get("/metrics")
+    response.raise_for_status()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in response.text.splitlines()
+               if line.startswith("bsharedrag_generated_tokens_total"))
 
 
 def _documents(prefix: str, count: int) -> list[dict]:
