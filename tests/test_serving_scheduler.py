@@ -175,7 +175,10 @@ def test_one_failing_item_fails_only_its_own_job(scheduler):
 
 
 def test_streams_over_the_memory_budget_wait_for_running_ones_and_one_too_large_is_refused():
-    scheduler = Scheduler(capacity=16, max_batch=4, memory_budget=100)
+    from bsharedrag.serving.metrics import Metrics
+
+    metrics = Metrics()
+    scheduler = Scheduler(capacity=16, max_batch=4, metrics=metrics, memory_budget=100)
     scheduler.start()
     running, peak = [], []
 
@@ -200,6 +203,8 @@ def test_streams_over_the_memory_budget_wait_for_running_ones_and_one_too_large_
         assert asyncio.run(main()) == [[name] * 3 for name in "abcde"]
         assert max(peak) <= 80  # never more than two answers of 40 within 100
         assert scheduler.reserved == 0
+        waits = metrics.registry.get_sample_value("bsharedrag_queue_wait_seconds_count")
+        assert waits == 5  # each answer's wait counted once, however many turns it waited for memory
 
         async def too_large():
             return [item async for item in scheduler.stream(answer("x"), reserve=101)]

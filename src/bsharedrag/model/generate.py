@@ -421,22 +421,23 @@ class DecodeBatch:
             for row in rows:
                 row.error = error
                 row.finish()
-            self.running = []
-            self._model = None
+            self._keep([])
             raise
         for row, token in zip(rows, picked):
             row.position += 1
             row.accept(token)
-        self.running = [row for row in rows if not row.done]
-        if not self.running:
-            self._model = None
+        self._keep([row for row in rows if not row.done])
 
     def leave(self, sequence: _Sequence) -> None:
         """Stop decoding `sequence` (its reader is gone) and free its cache."""
         if sequence in self.running:
-            self.running.remove(sequence)
             sequence.finish()
-        if not self.running:
+            self._keep([row for row in self.running if row is not sequence])
+
+    def _keep(self, rows: list[_Sequence]) -> None:
+        """`rows` run on; an empty batch drops its forward model (adapters may change before the next answer)."""
+        self.running = rows
+        if not rows:
             self._model = None
 
 

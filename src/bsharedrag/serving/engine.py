@@ -49,6 +49,13 @@ class Engine:
             rag.backbone, rag.retriever, rag.settings.model_copy(update={"with_passages": False}), rag.adapter
         )
         self._dirty = False  # the index changed since the last FAISS snapshot
+        largest = self.kv_reserve(config.serve.max_new_tokens)
+        if scheduler.memory_budget is not None and largest > scheduler.memory_budget:
+            raise ValueError(
+                f"one answer of serve.max_new_tokens={config.serve.max_new_tokens} tokens may need "
+                f"{largest / 2**20:.1f} MiB of KV cache, more than serve.kv_cache_mib={config.serve.kv_cache_mib}; "
+                "raise it or lower the tokens"
+            )
         self.started = time.time()
         metrics.documents.set(len(self.index))
 
@@ -108,12 +115,15 @@ class Engine:
         def start() -> Iterator[str | Answer]:
             return rag.stream(question, top_k, product_id, max_new_tokens, **sampling)
 
-        reserve = kv_cache_bytes(self.rag.backbone, rag.settings.max_prompt_len + max_new_tokens)
-        async with aclosing(self.scheduler.stream(start, reserve)) as parts:  # closing it cancels the job
+        async with aclosing(self.scheduler.stream(start, self.kv_reserve(max_new_tokens))) as parts:  # closing it cancels the job
             async for part in parts:
                 if isinstance(part, Answer):
                     self.metrics.tokens.labels(endpoint).inc(self.count_tokens(part.text))
                 yield part
+
+    def kv_reserve(self, max_new_tokens: int) -> int:
+        """Bytes of KV cache an answer of at most `max_new_tokens` can grow to (its prompt at the prompt budget)."""
+        return kv_cache_bytes(self.rag.backbone, self.rag.settings.max_prompt_len + max_new_tokens)
 
     def prompt_tokens(self, question: str, answer: Answer, retrieval: bool) -> int:
         """Tokens of the prompt the answer was generated from (for OpenAI `usage`)."""

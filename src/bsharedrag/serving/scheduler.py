@@ -116,7 +116,7 @@ class Scheduler:
                 raise QueueFull(f"{self._admitted} model jobs are already queued (serve.queue_size={self.capacity})")
             self._admitted += 1
             self._queue.append(job)
-            self._set_depth()
+            self._report_gauges()
             self._cond.notify()
         return job
 
@@ -161,7 +161,7 @@ class Scheduler:
 
     # --- the worker ------------------------------------------------------------------------
 
-    def _set_depth(self) -> None:
+    def _report_gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._admitted)
             self.metrics.kv_reserved.set(self.reserved)
@@ -186,7 +186,7 @@ class Scheduler:
     def _release(self, count: int) -> None:
         with self._cond:
             self._admitted -= count
-            self._set_depth()
+            self._report_gauges()
 
     def _requeue(self, job: _Job) -> None:
         with self._cond:
@@ -194,6 +194,9 @@ class Scheduler:
 
     def _work(self) -> None:
         while (jobs := self._next_jobs()) is not None:
+            if not self._holds_memory(jobs[0]):
+                self._requeue(jobs[0])  # waits, not yet started, for running answers to free their memory
+                continue
             if self.metrics is not None and jobs[0].iterator is None:
                 now = time.perf_counter()
                 for job in jobs:
@@ -247,13 +250,6 @@ class Scheduler:
         if job.cancelled.is_set():
             self._finish_stream(job, None)
             return
-        if not job.holding and job.reserve:
-            if self.memory_budget is not None and self.reserved + job.reserve > self.memory_budget:
-                self._requeue(job)  # waits for running answers to free their memory
-                return
-            self.reserved += job.reserve
-            job.holding = True
-            self._set_depth()
         try:
             if job.iterator is None:
                 job.iterator = iter(job.fn())
@@ -265,6 +261,19 @@ class Scheduler:
         else:
             self._emit(job, item)
             self._requeue(job)
+
+    def _holds_memory(self, job: _Job) -> bool:
+        """Whether `job` may run: it reserves nothing, already holds its memory, or gets it now.
+
+        A cancelled job may always run, so that `_step` finishes it."""
+        if job.holding or not job.reserve or job.cancelled.is_set():
+            return True
+        if self.memory_budget is not None and self.reserved + job.reserve > self.memory_budget:
+            return False
+        self.reserved += job.reserve
+        job.holding = True
+        self._report_gauges()
+        return True
 
     def _finish_stream(self, job: _Job, last: Any) -> None:
         if job.iterator is not None and hasattr(job.iterator, "close"):
