@@ -61,3 +61,11 @@ def test_reports_name_the_embedded_datasets_portably(tmp_path, monkeypatch):
     assert portable_path("/elsewhere/src/bsharedrag/datasets/hetpqa") == "DATASETS/hetpqa"  # another machine's checkout
     assert portable_path(tmp_path / "shop") == "shop"
     assert portable_path("/data/shop") == "/data/shop"
+
+
+def test_a_run_folder_config_that_names_a_moved_setting_still_loads(tmp_path):
+    saved = tmp_path / "config.yaml"  # what runs built before the fusion settings moved to `index` recorded
+    saved.write_text("eval:\n  fusion: interpolate\n  fusion_validation_queries: 50\n")
+    config = load_config(saved)
+    assert (config.index.fusion, config.index.fusion_validation_queries) == ("interpolate", 50)
+    assert load_config(saved, ["index.fusion=rrf"]).index.fusion == "rrf"  # the new name wins

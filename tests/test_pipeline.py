@@ -5,6 +5,8 @@ import json
 import pytest
 
 from bsharedrag.config import load_config
+from bsharedrag.model.encoder import DenseRetriever
+from bsharedrag.model.hybrid import HybridRetriever
 from bsharedrag.model.index import IndexMismatchError, VectorIndex
 from bsharedrag.pipeline import run_stages
 from bsharedrag.run import Run
@@ -16,7 +18,7 @@ def run(tiny_model_dir, tiny_dataset, tmp_path):
     return Run(load_config(overrides=tiny_overrides(tiny_model_dir, tiny_dataset, tmp_path / "run")))
 
 
-def test_retrieval_half_end_to_end(run):
+def test_retrieval_half_end_to_end(run, caplog):
     done = run_stages(run, ("pretrain", "mine", "retriever", "index"))
     stats = done["pretrain"]["stats"]
     assert stats["heldout_perplexity_after"] > 0 and stats["steps"] >= 1
@@ -31,6 +33,16 @@ def test_retrieval_half_end_to_end(run):
     index = VectorIndex.open(run.stage_folder("index"))
     assert len(index) == 24
     assert index.manifest["adapter"] == done["retriever"]["id"]
+    fusion = index.manifest["fusion"]  # the served first stage's weight, chosen on the catalogue's train questions
+    assert fusion["validation"] == "train split" and fusion["questions"] == 6 and 0 <= fusion["weight"] <= 1
+    assert isinstance(run.first_stage(), HybridRetriever) and run.first_stage().weight == fusion["weight"]
+    dense_only = Run(run.config.model_copy(update={"index": run.config.index.model_copy(update={"first_stage": "dense"})}))
+    assert isinstance(dense_only.first_stage(), DenseRetriever)
+    del index.manifest["fusion"]
+    index.save()  # an index built before hybrid retrieval: served dense, with a warning that says how to rebuild
+    with caplog.at_level("WARNING"):
+        assert isinstance(Run(run.config).first_stage(), DenseRetriever)
+    assert "bsharedrag index --force" in caplog.text
 
     again = run_stages(Run(run.config), ("pretrain", "mine", "retriever", "index"))
     assert {s: m["id"] for s, m in again.items()} == {s: m["id"] for s, m in done.items()}  # all skipped

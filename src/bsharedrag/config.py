@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import os
 import typing
 from importlib import resources
@@ -17,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BackboneConfig",
@@ -248,6 +251,14 @@ class IndexConfig(Section):
         _PACKAGE_DATA / "epqa", description="The catalogue that is indexed and served: a folder with corpus.jsonl."
     )
     batch_tokens: int = Field(4096, gt=0, description="Tokens per embedding batch (batches are length-sorted).")
+    first_stage: Literal["dense", "hybrid"] = Field(
+        "hybrid", description="What `search`, `ask` and the server retrieve with: the dense retriever alone, or "
+        "fused with BM25 (the fusion weight is chosen when the index is built and recorded in its manifest)."
+    )
+    fusion: Literal["rrf", "interpolate"] = Field("rrf", description="How hybrid retrieval fuses BM25 and dense.")
+    fusion_validation_queries: int = Field(
+        200, gt=0, description="Training questions (or pseudo-queries) the fusion weight is chosen on."
+    )
 
 
 class EvalConfig(Section):
@@ -258,10 +269,6 @@ class EvalConfig(Section):
     generation_systems: list[str] = Field(default_factory=lambda: ["bsharedrag", "zero_shot"])
     max_new_tokens: int = Field(64, gt=0)
     max_generation_queries: int | None = Field(None, description="Evaluate answers on at most this many queries.")
-    fusion: Literal["rrf", "interpolate"] = Field("rrf", description="How the `hybrid` system fuses BM25 and dense.")
-    fusion_validation_queries: int = Field(
-        200, gt=0, description="`hybrid`: training questions (or pseudo-queries) its fusion weight is chosen on."
-    )
     bootstrap_resamples: int = Field(1000, gt=0, description="Query resamples of each 95% bootstrap interval.")
     faithfulness: bool = Field(
         False, description="Also probe whether answers follow their passages (abstention, contradiction; "
@@ -420,6 +427,24 @@ def _profile(name: str) -> dict:
     return _read_yaml(resources.files("bsharedrag").joinpath("profiles", f"{name}.yaml").read_text()) or {}
 
 
+# Settings that moved to another section: (old section, key) -> new section. Run folders record their
+# whole config, so theirs name the old place; it is read into the new one.
+_MOVED = {("eval", "fusion"): "index", ("eval", "fusion_validation_queries"): "index"}
+
+
+def _move_settings(layered: dict) -> dict:
+    for (section, key), target in _MOVED.items():
+        old = layered.get(section)
+        if isinstance(old, dict) and key in old:
+            log.info("setting %s.%s is now %s.%s", section, key, target, key)
+            old = dict(old)
+            value = old.pop(key)
+            moved = dict(layered.get(target) or {})
+            moved.setdefault(key, value)
+            layered = {**layered, section: old, target: moved}
+    return layered
+
+
 def load_config(path: Path | None = None, overrides: list[str] | None = None, **fields: Any) -> Config:
     """Build the config: code defaults, then the profile, then the YAML file, then `key=value` overrides."""
     layered: dict = {}
@@ -431,7 +456,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None, **
             raise ValueError(f"config file {path} must hold a mapping of sections, got {type(layered).__name__}")
     for item in overrides or []:
         layered = deep_merge(layered, _parse_override(item))
-    layered = deep_merge(layered, fields)
+    layered = _move_settings(deep_merge(layered, fields))
     profile = layered.get("profile", "quick")
     if profile not in ("quick", "full"):
         raise ValueError(f"`profile` must be 'quick' or 'full', got {profile!r}")

@@ -61,25 +61,12 @@ def _hybrid(run: Run, dataset: Dataset):
     """BM25 fused with the run's dense retriever, the weight chosen on the dataset's training questions
     (a sample, never the evaluated split), or on pseudo-queries from its corpus when it has none."""
     from .model.baselines import BM25Retriever
-    from .model.hybrid import DEPTH, HybridRetriever, choose_weight, pseudo_queries
+    from .model.hybrid import fit_hybrid, validation_pairs
 
-    settings = run.config.eval
-    dense, lexical = run.retriever(dataset.path), BM25Retriever(dataset.corpus)
-    train = dataset.path / "qrels" / "train.tsv"
-    if dataset.split != "train" and train.exists():
-        validation = load_dataset(dataset.path, "train").sample(settings.fusion_validation_queries, run.config.seed)
-        pairs, source = [(q.text, validation.qrels[q.id]) for q in validation.queries], "train split"
-    else:
-        pairs, source = pseudo_queries(dataset.corpus, settings.fusion_validation_queries, run.config.seed), \
-            "pseudo-queries (passage spans)"
-    questions = [question for question, _ in pairs]
-    weight, scores = choose_weight(dense.search(questions, DEPTH), lexical.search(questions, DEPTH),
-                                   [relevant for _, relevant in pairs], settings.fusion)
-    hybrid = HybridRetriever(dense, lexical, weight, settings.fusion)
-    hybrid.chosen = {"method": settings.fusion, "weight": weight, "validation": source, "questions": len(pairs),
-                     "hit@3_by_weight": scores}
-    log.info("hybrid: %s weight %.1f chosen on %d %s", settings.fusion, weight, len(pairs), source)
-    return hybrid
+    settings = run.config.index
+    pairs, source = validation_pairs(dataset.path, dataset.corpus, settings.fusion_validation_queries,
+                                     run.config.seed, evaluated_split=dataset.split)
+    return fit_hybrid(run.retriever(dataset.path), BM25Retriever(dataset.corpus), pairs, source, settings.fusion)
 
 
 def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict, dict, dict, dict]:
@@ -100,7 +87,7 @@ def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict
         if system == "bsharedrag":
             dense_hits = hits
         timings[system] = round(time.time() - started, 1)
-        if hasattr(retriever, "chosen"):
+        if system == "hybrid":
             fusion[system] = retriever.chosen
         del retriever
         free_memory()  # a baseline's model and index go before the next system's

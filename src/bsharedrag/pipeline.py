@@ -189,12 +189,22 @@ def _index_inputs(run: Run) -> tuple[dict, dict]:
 
 
 def _index(run: Run, folder: Path) -> tuple[dict, dict]:
-    from .model.index import build_index
+    from .model.encoder import DenseRetriever
+    from .model.hybrid import LexicalIndex, fit_hybrid, validation_pairs
+    from .model.index import VectorIndex, build_index
 
-    corpus = Path(run.config.index.corpus) / "corpus.jsonl"
+    settings = run.config.index
+    corpus = Path(settings.corpus) / "corpus.jsonl"
     docs = read_corpus(corpus, run.config.strict_data)
     manifest = run.index_manifest(file_hash(corpus))
-    return build_index(run.encoder(), docs, folder, manifest, run.config.index.batch_tokens), {}
+    stats = build_index(run.encoder(), docs, folder, manifest, settings.batch_tokens)
+    if settings.first_stage == "hybrid":  # the fusion weight the served first stage uses, chosen once here
+        index = VectorIndex.open(folder)
+        pairs, source = validation_pairs(settings.corpus, docs, settings.fusion_validation_queries, run.config.seed)
+        hybrid = fit_hybrid(DenseRetriever(run.encoder(), index), LexicalIndex(index), pairs, source, settings.fusion)
+        index.manifest["fusion"] = stats["fusion"] = hybrid.chosen
+        index.save()
+    return stats, {}
 
 
 # --- generator --------------------------------------------------------------------------

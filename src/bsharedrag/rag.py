@@ -171,6 +171,6 @@ def no_passages_answer(question: str) -> str:
 def load_rag(run: Run | Config, with_generator: bool = True) -> RAG:
     """The RAG of a finished run folder: its backbone (loaded once), its adapters, the index of its catalogue."""
     run = run if isinstance(run, Run) else Run(run)
-    retriever = run.retriever()
+    retriever = run.first_stage()
     adapter = run.adapter(run.generator_adapter) if with_generator else None
     return RAG(run.backbone(), retriever, run.config.generator, adapter=adapter)

@@ -34,6 +34,7 @@ from .model.backbone import GENERATOR, RETRIEVER, SharedBackbone
 
 if TYPE_CHECKING:
     from .model.encoder import DenseRetriever
+    from .model.hybrid import HybridRetriever
     from .model.index import VectorIndex
 
 __all__ = ["Artefact", "Run", "dataset_id"]
@@ -313,3 +314,19 @@ class Run:
         from .model.encoder import DenseRetriever
 
         return DenseRetriever(self.encoder(), self.index(corpus_dir))
+
+    def first_stage(self) -> DenseRetriever | HybridRetriever:
+        """What `search`, `ask` and the server retrieve with (`index.first_stage`): the dense retriever,
+        or the hybrid with the fusion weight recorded in the index manifest when the index was built."""
+        from .model.hybrid import HybridRetriever, LexicalIndex
+
+        dense = self.retriever()
+        if self.config.index.first_stage == "dense":
+            return dense
+        fusion = dense.index.manifest.get("fusion")
+        if fusion is None:
+            log.warning("the index at %s records no fusion weight (built before hybrid retrieval, or with "
+                        "index.first_stage=dense): retrieving with the dense retriever alone; rebuild it with "
+                        "`bsharedrag index --force` for hybrid retrieval", self.index_folder)
+            return dense
+        return HybridRetriever(dense, LexicalIndex(dense.index), fusion["weight"], fusion["method"], chosen=fusion)

@@ -19,7 +19,7 @@ from ..text import words
 from .backbone import cpu_has_fast_bf16
 from .index import Hit
 
-__all__ = ["BM25Retriever", "EncoderRetriever", "Retriever", "SentenceEncoder", "build_run"]
+__all__ = ["BM25Retriever", "EncoderRetriever", "Retriever", "SentenceEncoder", "bm25_tokens", "build_run", "stopword_set"]
 
 
 @runtime_checkable
@@ -44,7 +44,13 @@ def _check_top_k(top_k: int) -> None:
 _STOPWORDS = {"en": "STOPWORDS_EN", "zh": "STOPWORDS_CHINESE"}
 
 
-def _stopwords(languages: Sequence[str]) -> frozenset[str]:
+def bm25_tokens(text: str, stopwords: frozenset[str]) -> list[str]:
+    """The words BM25 indexes and matches: lower-cased `text.words` (jieba for Chinese) less `stopwords`."""
+    return [w for w in words(text) if w not in stopwords]
+
+
+def stopword_set(languages: Sequence[str]) -> frozenset[str]:
+    """bm25s's stopwords of `languages` ("en", "zh")."""
     from bm25s import stopwords
 
     if isinstance(languages, str):
@@ -70,18 +76,24 @@ class BM25Retriever:
         b: float = 0.75,
         stopwords: Sequence[str] = ("en", "zh"),
         name: str = "bm25",
+        tokens: Sequence[list[str]] | None = None,
     ):
+        """`tokens`: each document's `bm25_tokens`, when the caller has them already."""
         import bm25s
 
         _check_corpus(corpus)
         self.name = name
         self.docs = list(corpus)
-        self._stopwords = _stopwords(stopwords)
+        self._stopwords = stopword_set(stopwords)
+        if tokens is None:
+            tokens = [self._tokens(doc.content) for doc in corpus]
+        elif len(tokens) != len(self.docs):
+            raise ValueError(f"{len(self.docs)} documents but {len(tokens)} token lists")
         self._bm25 = bm25s.BM25(k1=k1, b=b)
-        self._bm25.index([self._tokens(doc.content) for doc in corpus], show_progress=False)
+        self._bm25.index(list(tokens), show_progress=False)
 
     def _tokens(self, text: str) -> list[str]:
-        return [w for w in words(text) if w not in self._stopwords]
+        return bm25_tokens(text, self._stopwords)
 
     def scores(self, questions: list[str]) -> np.ndarray:
         """(questions, docs) BM25 scores of every document, in corpus order."""

@@ -106,7 +106,10 @@ class DenseRetriever:
 
     name = "bsharedrag"
 
-    def search(self, questions: list[str], top_k: int, product_id: str | None = None) -> list[list[Hit]]:
-        """For each question, the top_k hits (documents with scores), best first."""
-        vectors = self.encoder.embed_queries(questions)
+    def search(self, questions: list[str], top_k: int, product_id: str | None = None,
+               vectors: np.ndarray | None = None) -> list[list[Hit]]:
+        """For each question, the top_k hits (documents with scores), best first; `vectors` are the
+        questions' embeddings when the caller has them already (the server embeds a batch at once)."""
+        if vectors is None:
+            vectors = self.encoder.embed_queries(questions)
         return self.index.search(vectors, top_k, product_id=product_id)

@@ -11,19 +11,34 @@ validation questions with known passages and keeps the best by Hit@k (ties go to
 (a Chinese catalogue served by a retriever trained on English questions), the weight moves to BM25.
 Without labelled questions, `pseudo_queries` makes them from the corpus itself (a span of a passage
 asks for that passage, the inverse cloze task), which favours word overlap, so it errs towards BM25.
+`validation_pairs` picks between the two; `fit_hybrid` chooses the weight on them.
+
+Served, the BM25 side is a `LexicalIndex` over the vector index's own document store: it follows
+every upsert and delete (it is rebuilt from the store when the store's generation has moved), so an
+acknowledged update reaches both sides, and after a crash both are rebuilt from the same SQLite rows.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 
-from ..data import Document
+import numpy as np
+
+from ..data import Document, load_dataset
 from ..metrics import hit_at_k
 from ..text import has_cjk, words
-from .index import Hit
+from .index import Hit, VectorIndex
 
-__all__ = ["DEPTH", "FUSIONS", "HybridRetriever", "choose_weight", "fuse", "pseudo_queries"]
+__all__ = [
+    "DEPTH", "FUSIONS", "HybridRetriever", "LexicalIndex", "choose_weight", "fit_hybrid", "fuse", "pseudo_queries",
+    "validation_pairs",
+]
+
+log = logging.getLogger(__name__)
 
 FUSIONS = ("rrf", "interpolate")
 DEPTH = 50  # candidates taken from each side before fusing
@@ -51,22 +66,84 @@ def fuse(dense: Sequence[Hit], lexical: Sequence[Hit], weight: float, method: st
 
 
 class HybridRetriever:
-    """The dense retriever and a BM25 retriever over the same documents, fused (see the module docstring)."""
+    """The dense retriever and a BM25 retriever over the same documents, fused (see the module docstring).
+
+    `chosen` records how the weight was chosen (method, weight, validation source, Hit@3 by weight).
+    """
 
     name = "hybrid"
 
-    def __init__(self, dense, lexical, weight: float, method: str = "rrf", depth: int = DEPTH):
+    def __init__(self, dense, lexical, weight: float, method: str = "rrf", depth: int = DEPTH,
+                 chosen: dict | None = None):
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"the fusion weight must lie in [0, 1], got {weight}")
+        if method not in FUSIONS:
+            raise ValueError(f"unknown fusion {method!r}; known: {', '.join(FUSIONS)}")
         self.dense, self.lexical, self.weight, self.method, self.depth = dense, lexical, weight, method, depth
+        self.chosen = chosen or {"method": method, "weight": weight}
 
-    def search(self, questions: list[str], top_k: int, product_id: str | None = None) -> list[list[Hit]]:
+    @property
+    def encoder(self):
+        return self.dense.encoder
+
+    @property
+    def index(self):
+        return self.dense.index
+
+    def search(self, questions: list[str], top_k: int, product_id: str | None = None,
+               vectors: np.ndarray | None = None) -> list[list[Hit]]:
+        """Fused hits; `vectors` are the questions' embeddings when the caller has them already."""
         depth = max(self.depth, top_k)
-        dense = self.dense.search(questions, depth, product_id=product_id)
+        dense = self.dense.search(questions, depth, product_id=product_id, vectors=vectors)
         lexical = self.lexical.search(questions, depth)
         if product_id is not None:
             lexical = [[hit for hit in row if hit.doc.product_id == product_id] for row in lexical]
         return [fuse(d, b, self.weight, self.method)[:top_k] for d, b in zip(dense, lexical, strict=True)]
+
+
+class LexicalIndex:
+    """BM25 over the documents of a `VectorIndex`, kept in step with it.
+
+    Before each search it compares the store's generation (bumped by every committed upsert and
+    delete) with the one it was built at and rebuilds when they differ, so a search after an
+    acknowledged update sees it on both sides. Token lists are cached by text, so a rebuild
+    tokenises only the documents that changed; bm25s itself re-indexes the whole catalogue (it has
+    no incremental update), which is why this rebuilds on the first search after updates rather
+    than on every update.
+    """
+
+    name = "bm25"
+
+    def __init__(self, index: VectorIndex, stopwords: Sequence[str] = ("en", "zh")):
+        from .baselines import stopword_set
+
+        self.vector_index = index
+        self.stopwords = tuple(stopwords)
+        self._stopword_set = stopword_set(stopwords)
+        self._tokens: dict[str, list[str]] = {}  # document text -> its BM25 tokens
+        self._generation: int | None = None
+        self._bm25 = None
+        self._lock = threading.Lock()
+
+    def _current(self):
+        from .baselines import BM25Retriever, bm25_tokens
+
+        with self._lock:
+            generation = self.vector_index.generation  # read first: an update after it rebuilds again
+            if generation != self._generation:
+                docs = self.vector_index.documents()
+                self._tokens = {doc.content: self._tokens.get(doc.content) or bm25_tokens(doc.content, self._stopword_set)
+                                for doc in docs}  # texts no longer in the catalogue leave the cache
+                tokens = [self._tokens[doc.content] for doc in docs]
+                self._bm25 = BM25Retriever(docs, stopwords=self.stopwords, tokens=tokens) if docs else None
+                self._generation = generation
+            return self._bm25
+
+    def search(self, questions: list[str], top_k: int) -> list[list[Hit]]:
+        bm25 = self._current()
+        if bm25 is None:  # an empty catalogue
+            return [[] for _ in questions]
+        return bm25.search(questions, top_k)
 
 
 def choose_weight(dense_hits: list[list[Hit]], lexical_hits: list[list[Hit]], relevant: list[dict[str, int]],
@@ -96,3 +173,29 @@ def pseudo_queries(corpus: Sequence[Document], count: int, seed: int = 0,
         separator = "" if has_cjk(doc.text) else " "
         pairs.append((separator.join(tokens[start: start + span_words]), {doc.id: 1}))
     return pairs
+
+
+def validation_pairs(data_dir: Path, corpus: Sequence[Document], count: int, seed: int,
+                     evaluated_split: str | None = None) -> tuple[list[tuple[str, dict[str, int]]], str]:
+    """(question, relevant passages) pairs to choose a fusion weight on, and where they come from.
+
+    A sample of the dataset's training questions when it has them (and the split being evaluated
+    is not that one), else pseudo-queries from its corpus.
+    """
+    train = Path(data_dir) / "qrels" / "train.tsv"
+    if evaluated_split != "train" and train.exists():
+        validation = load_dataset(data_dir, "train").sample(count, seed)
+        return [(q.text, validation.qrels[q.id]) for q in validation.queries], "train split"
+    return pseudo_queries(corpus, count, seed), "pseudo-queries (passage spans)"
+
+
+def fit_hybrid(dense, lexical, pairs: list[tuple[str, dict[str, int]]], source: str,
+               method: str = "rrf") -> HybridRetriever:
+    """The hybrid of `dense` and `lexical` with the weight that does best on `pairs` (see `choose_weight`)."""
+    questions = [question for question, _ in pairs]
+    weight, scores = choose_weight(dense.search(questions, DEPTH), lexical.search(questions, DEPTH),
+                                   [relevant for _, relevant in pairs], method)
+    log.info("hybrid: %s weight %.1f chosen on %d %s", method, weight, len(pairs), source)
+    chosen = {"method": method, "weight": weight, "validation": source, "questions": len(pairs),
+              "hit@3_by_weight": scores}
+    return HybridRetriever(dense, lexical, weight, method, chosen=chosen)

@@ -119,6 +119,12 @@ class VectorIndex:
     def __len__(self) -> int:
         return int(self._faiss.ntotal)
 
+    @property
+    def generation(self) -> int:
+        """Bumped by every committed upsert and delete: what derived views (BM25) check to stay in step."""
+        with self._lock:
+            return _generation(self._db)
+
     def get(self, doc_id: str) -> Document | None:
         with self._lock:
             row = self._db.execute("SELECT body FROM docs WHERE doc_id = ?", (doc_id,)).fetchone()

@@ -77,15 +77,18 @@ class Engine:
     # --- retrieval ------------------------------------------------------------------------
 
     def _search_batch(self, items: list[tuple[str, int, str | None]]) -> list[list[Hit]]:
-        """Embed every queued question in one forward pass, then search the index once per (top_k, product)."""
-        vectors = self.rag.retriever.encoder.embed_queries([question for question, _, _ in items])  # (n, dim)
+        """Embed every queued question in one forward pass, then search once per (top_k, product)."""
+        retriever = self.rag.retriever
+        questions = [question for question, _, _ in items]
+        vectors = retriever.encoder.embed_queries(questions)  # (n, dim)
         self.metrics.embedded.labels("query").inc(len(items))
         groups: dict[tuple[int, str | None], list[int]] = defaultdict(list)
         for i, (_, top_k, product_id) in enumerate(items):
             groups[top_k, product_id].append(i)
         results: list[list[Hit]] = [[] for _ in items]
         for (top_k, product_id), rows in groups.items():
-            for i, hits in zip(rows, self.index.search(vectors[rows], top_k, product_id=product_id), strict=True):
+            found = retriever.search([questions[i] for i in rows], top_k, product_id=product_id, vectors=vectors[rows])
+            for i, hits in zip(rows, found, strict=True):
                 results[i] = hits
         return results
 
