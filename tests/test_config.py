@@ -69,3 +69,11 @@ def test_a_run_folder_config_that_names_a_moved_setting_still_loads(tmp_path):
     config = load_config(saved)
     assert (config.index.fusion, config.index.fusion_validation_queries) == ("interpolate", 50)
     assert load_config(saved, ["index.fusion=rrf"]).index.fusion == "rrf"  # the new name wins
+
+
+def test_the_index_kind_records_only_its_own_parameters():
+    assert load_config(overrides=["index.kind=hnsw"]).index.faiss_spec() == {
+        "kind": "hnsw", "hnsw_neighbors": 32, "hnsw_ef_search": 128}
+    assert load_config().index.faiss_spec() == {"kind": "flat"}
+    with pytest.raises(ValueError, match="index.kind"):
+        load_config(overrides=["index.kind=annoy"])

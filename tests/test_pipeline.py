@@ -105,9 +105,11 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
     (shop / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"shop-{n}", "title": "Shop kettle", "text": text,
                                                            "product_id": "SKU-1"}) + "\n"
                                                for n, text in enumerate(["steel lid", "boils in 3 minutes"])))
-    reindexed = runner.invoke(app, ["index", "--run", folder, "--set", f"index.corpus={shop}"])
+    reindexed = runner.invoke(app, ["index", "--run", folder, "--set", f"index.corpus={shop}", "--set", "index.kind=hnsw"])
     assert reindexed.exit_code == 0, reindexed.output
-    shop_hits = runner.invoke(app, ["search", "kettle lid?", "--run", folder, "--product-id", "SKU-1"])
+    assert json.loads((run.index_folder / "index.json").read_text())["faiss"]["kind"] == "hnsw"  # recorded, and served
+    shop_hits = runner.invoke(app, ["search", "kettle lid?", "--run", folder, "--product-id", "SKU-1",
+                                    "--set", "index.kind=hnsw"])
     assert shop_hits.exit_code == 0 and "shop-0" in shop_hits.stdout and "SKU-1" in shop_hits.stdout
     assert runner.invoke(app, ["index", "--run", folder, "--set", f"index.corpus={run.config.index.corpus}"]).exit_code == 0
 

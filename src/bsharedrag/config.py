@@ -259,6 +259,18 @@ class IndexConfig(Section):
     fusion_validation_queries: int = Field(
         200, gt=0, description="Training questions (or pseudo-queries) the fusion weight is chosen on."
     )
+    kind: Literal["flat", "ivf", "hnsw"] = Field(
+        "flat", description="FAISS index: exact (flat), inverted lists (ivf) or a graph (hnsw) for large catalogues."
+    )
+    ivf_lists: int | None = Field(None, gt=0, description="ivf: inverted lists (default 4 * sqrt(passages)).")
+    ivf_probe: int = Field(16, gt=0, description="ivf: lists searched per question.")
+    hnsw_neighbors: int = Field(32, gt=1, description="hnsw: links per vector (M).")
+    hnsw_ef_search: int = Field(128, gt=0, description="hnsw: candidates kept while searching (efSearch).")
+
+    def faiss_spec(self) -> dict:
+        """The FAISS kind and the parameters that apply to it, as the index manifest records them."""
+        keys = {"flat": (), "ivf": ("ivf_lists", "ivf_probe"), "hnsw": ("hnsw_neighbors", "hnsw_ef_search")}[self.kind]
+        return {"kind": self.kind, **{key: getattr(self, key) for key in keys}}
 
 
 class EvalConfig(Section):

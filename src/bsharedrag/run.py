@@ -284,7 +284,7 @@ class Run:
     def index_manifest(self, corpus_hash: str) -> dict:
         """What an index of this run records: the artefacts its vectors come from and how passages were embedded."""
         return {**self.index_ids(), "corpus": corpus_hash, "passage_prefix": self.config.retriever.passage_prefix,
-                "max_passage_len": self.config.retriever.max_passage_len}
+                "max_passage_len": self.config.retriever.max_passage_len, "faiss": self.config.index.faiss_spec()}
 
     def index(self, corpus_dir: Path | None = None) -> VectorIndex:
         """The index of the served catalogue, or of the corpus in `corpus_dir` (built once, then cached).

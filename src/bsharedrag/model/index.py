@@ -5,6 +5,16 @@ delete is one transaction (durable once committed, invisible if interrupted). `v
 is a snapshot for fast loading; it is trusted only when its generation matches the store's,
 otherwise it is rebuilt from SQLite. The manifest records the backbone, the adapter and the
 corpus hash the vectors were built with; opening with a different model is refused.
+
+The FAISS side is one of three kinds (`faiss_index`, recorded under `faiss` in the manifest):
+`flat` (exact), `ivf` (inverted lists: `ivf_probe` of `ivf_lists` searched; upserts are assigned
+to the lists trained at build time, so rebuild after the catalogue has changed a lot) and `hnsw`
+(a graph). Neither removes vectors under an ID map (HNSW cannot remove at all; faiss's
+`IndexIDMap2` removes only from an index that keeps insertion order, and asserts on IVF), so in
+both a deleted or replaced document's vector stays as a tombstone that searches skip, until the
+index is rebuilt from the store: at open, once tombstones pass a quarter of it. A search within one product is exact whatever the kind: it
+scores that product's vectors from the store, where an approximate index filtered down to a few
+documents would miss.
 """
 
 from __future__ import annotations
@@ -22,11 +32,13 @@ import numpy as np
 from ..data import Document
 from ..files import replacing, write_text_atomic
 
-__all__ = ["Hit", "IndexMismatchError", "VectorIndex", "build_index"]
+__all__ = ["FAISS_KINDS", "Hit", "IndexMismatchError", "VectorIndex", "build_index", "faiss_index"]
 
 MANIFEST = "index.json"
 _STORE = "docs.sqlite"
 _SNAPSHOT = "vectors.faiss"
+FAISS_KINDS = ("flat", "ivf", "hnsw")
+_COMPACT_AT = 0.25  # share of tombstones in an approximate index at which opening rebuilds it
 
 
 class IndexMismatchError(RuntimeError):
@@ -42,12 +54,19 @@ class Hit:
 class VectorIndex:
     """Documents and their L2-normalised embeddings, searchable by inner product, updatable by id."""
 
-    def __init__(self, folder: Path, manifest: dict, connection: sqlite3.Connection, faiss_index):
+    def __init__(self, folder: Path, manifest: dict, connection: sqlite3.Connection, faiss_index,
+                 tombstones: set[int] = frozenset()):
         self.folder = Path(folder)
         self.manifest = manifest
         self._db = connection
         self._faiss = faiss_index
+        self._tombstones = set(tombstones)  # FAISS ids of removed vectors still in an approximate index
         self._lock = threading.RLock()
+
+    @property
+    def spec(self) -> dict:
+        """The FAISS kind and its parameters (`flat` for indexes built before there was a choice)."""
+        return self.manifest.get("faiss") or {"kind": "flat"}
 
     # --- building and opening -------------------------------------------------------------
 
@@ -67,7 +86,7 @@ class VectorIndex:
                 "INSERT INTO docs (doc_id, product_id, body, vector) VALUES (?, ?, ?, ?)",
                 [(d.id, d.product_id, _dumps(d), _blob(v)) for d, v in zip(docs, vectors, strict=True)],
             )
-        index = cls(folder, manifest, connection, _build_faiss(connection, manifest["dim"]))
+        index = cls(folder, manifest, connection, _build_faiss(connection, manifest["dim"], manifest.get("faiss")))
         index.save()
         return index
 
@@ -87,15 +106,21 @@ class VectorIndex:
         connection = _connect(folder / _STORE)
         generation = _generation(connection)
         snapshot = folder / _SNAPSHOT
-        faiss_index = None
+        faiss_index, tombstones = None, set()
         if snapshot.exists() and manifest.get("generation") == generation:
             import faiss
 
             faiss_index = faiss.read_index(str(snapshot))
-        stale = faiss_index is None or faiss_index.ntotal != len(connection.execute("SELECT 1 FROM docs").fetchall())
+            live = {rowid for (rowid,) in connection.execute("SELECT rowid FROM docs")}
+            held = set(faiss.vector_to_array(faiss_index.id_map).tolist())
+            tombstones = held - live
+            exact = (manifest.get("faiss") or {}).get("kind", "flat") == "flat"
+            if live - held or (tombstones and exact) or len(tombstones) > _COMPACT_AT * max(len(held), 1):
+                faiss_index = None  # out of step with the store, or an approximate index full of removed vectors
+        stale = faiss_index is None
         if stale:
-            faiss_index = _build_faiss(connection, manifest["dim"])
-        index = cls(folder, manifest, connection, faiss_index)
+            faiss_index, tombstones = _build_faiss(connection, manifest["dim"], manifest.get("faiss")), set()
+        index = cls(folder, manifest, connection, faiss_index, tombstones)
         if stale:
             try:
                 index.save()  # so that the next start loads the snapshot instead of rebuilding it again
@@ -117,7 +142,7 @@ class VectorIndex:
     # --- reading --------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return int(self._faiss.ntotal)
+        return int(self._faiss.ntotal) - len(self._tombstones)
 
     @property
     def generation(self) -> int:
@@ -137,30 +162,52 @@ class VectorIndex:
 
     def search(self, vectors: np.ndarray, top_k: int, product_id: str | None = None) -> list[list[Hit]]:
         """For each query vector, the top_k documents by inner product, best first."""
-        import faiss
-
         if top_k <= 0:
             raise ValueError(f"`top_k` must be a positive integer, got {top_k}")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.manifest["dim"])
         with self._lock:
-            params = None
             if product_id is not None:
-                rows = self._db.execute("SELECT rowid FROM docs WHERE product_id = ?", (product_id,)).fetchall()
-                if not rows:
-                    return [[] for _ in range(len(vectors))]
-                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.array([r for (r,) in rows])))
+                return self._search_product(vectors, top_k, product_id)
             k = min(top_k, len(self))
             if k == 0:
                 return [[] for _ in range(len(vectors))]
-            scores, ids = self._faiss.search(vectors, k, params=params)
+            scores, ids = self._faiss_search(vectors, k)
             wanted = {int(i) for i in ids.ravel() if i >= 0}
             marks = ",".join("?" * len(wanted))
             bodies = dict(self._db.execute(f"SELECT rowid, body FROM docs WHERE rowid IN ({marks})", list(wanted)))
         docs = {rowid: Document.from_json(json.loads(body)) for rowid, body in bodies.items()}
         return [
-            [Hit(docs[int(i)], float(s)) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0]
+            [Hit(docs[int(i)], float(s)) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0 and int(i) in docs]
             for row_ids, row_scores in zip(ids, scores, strict=True)
         ]
+
+    def _faiss_search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        spec = self.spec
+        kind = spec["kind"]
+        params = (faiss.SearchParametersIVF() if kind == "ivf" else faiss.SearchParametersHNSW() if kind == "hnsw"
+                  else faiss.SearchParameters())
+        if kind == "ivf":
+            params.nprobe = spec.get("ivf_probe", 16)
+        if kind == "hnsw":
+            params.efSearch = max(spec.get("hnsw_ef_search", 128), k)
+        if self._tombstones:  # the selectors must outlive the search
+            removed = faiss.IDSelectorBatch(np.fromiter(self._tombstones, dtype=np.int64))
+            kept = faiss.IDSelectorNot(removed)
+            params.sel = kept
+        return self._faiss.search(vectors, k, params=params)
+
+    def _search_product(self, vectors: np.ndarray, top_k: int, product_id: str) -> list[list[Hit]]:
+        """Exact search over one product's documents, scored from the vectors in the store."""
+        rows = self._db.execute("SELECT body, vector FROM docs WHERE product_id = ? ORDER BY rowid",
+                                (product_id,)).fetchall()
+        if not rows:
+            return [[] for _ in range(len(vectors))]
+        docs = [Document.from_json(json.loads(body)) for body, _ in rows]
+        scores = vectors @ np.stack([np.frombuffer(blob, dtype=np.float32) for _, blob in rows]).T  # (queries, docs)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+        return [[Hit(docs[j], float(row_scores[j])) for j in row] for row, row_scores in zip(order, scores, strict=True)]
 
     # --- updating -------------------------------------------------------------------------
 
@@ -179,8 +226,7 @@ class VectorIndex:
                 )
                 self._bump()
                 new = self._rowids([d.id for d in docs])
-            if old:
-                self._faiss.remove_ids(np.array(list(old.values()), dtype=np.int64))
+            self._remove(old.values())
             self._faiss.add_with_ids(vectors, np.array([new[d.id] for d in docs], dtype=np.int64))
 
     def delete(self, doc_ids: Sequence[str]) -> int:
@@ -190,9 +236,17 @@ class VectorIndex:
                 old = self._rowids(list(doc_ids))
                 self._db.executemany("DELETE FROM docs WHERE doc_id = ?", [(d,) for d in doc_ids])
                 self._bump()
-            if old:
-                self._faiss.remove_ids(np.array(list(old.values()), dtype=np.int64))
+            self._remove(old.values())
         return len(old)
+
+    def _remove(self, faiss_ids) -> None:
+        ids = np.array(list(faiss_ids), dtype=np.int64)
+        if not len(ids):
+            return
+        if self.spec["kind"] != "flat":  # see the module docstring: searches skip them until a rebuild
+            self._tombstones.update(ids.tolist())
+        else:
+            self._faiss.remove_ids(ids)
 
     def _rowids(self, doc_ids: list[str]) -> dict[str, int]:
         marks = ",".join("?" * len(doc_ids))
@@ -231,15 +285,42 @@ def _generation(connection: sqlite3.Connection) -> int:
     return connection.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
 
 
-def _build_faiss(connection: sqlite3.Connection, dim: int):
+def _build_faiss(connection: sqlite3.Connection, dim: int, spec: dict | None):
+    rows = connection.execute("SELECT rowid, vector FROM docs").fetchall()
+    ids = np.array([r for r, _ in rows], dtype=np.int64)
+    vectors = np.stack([np.frombuffer(blob, dtype=np.float32) for _, blob in rows]) if rows else np.zeros((0, dim), "float32")
+    return faiss_index(spec, vectors, ids)
+
+
+def faiss_index(spec: dict | None, vectors: np.ndarray, ids: np.ndarray, seed: int = 0):
+    """A FAISS inner-product index of kind `spec["kind"]` (see the module docstring) holding `vectors` under `ids`.
+
+    `ivf` trains its `ivf_lists` centroids (default 4 * sqrt(n)) on up to 64 vectors per list; with no
+    vectors to train on it starts flat (exact) and stays so until rebuilt.
+    """
     import faiss
 
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    rows = connection.execute("SELECT rowid, vector FROM docs").fetchall()
-    if rows:
-        ids = np.array([r for r, _ in rows], dtype=np.int64)
-        vectors = np.stack([np.frombuffer(blob, dtype=np.float32) for _, blob in rows])
-        index.add_with_ids(vectors, ids)
+    spec = spec or {"kind": "flat"}
+    kind, dim = spec["kind"], vectors.shape[1]
+    if kind not in FAISS_KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; known: {', '.join(FAISS_KINDS)}")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(dim, spec.get("hnsw_neighbors", 32), faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = spec.get("hnsw_ef_construction", 80)
+    elif kind == "ivf" and len(vectors):
+        lists = max(1, min(spec.get("ivf_lists") or int(4 * len(vectors) ** 0.5), len(vectors)))
+        quantizer = faiss.IndexFlatIP(dim)
+        inner = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+        inner.own_fields = True  # the IVF index frees its quantizer; Python's wrapper must not free it first
+        quantizer.this.disown()
+        sample = np.random.default_rng(seed).permutation(len(vectors))[: 64 * lists]
+        inner.train(vectors[np.sort(sample)])
+    else:
+        inner = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIDMap2(inner)
+    if len(vectors):
+        index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
     return index
 
 
