@@ -93,6 +93,8 @@ class HybridRetriever:
     def search(self, questions: list[str], top_k: int, product_id: str | None = None,
                vectors: np.ndarray | None = None) -> list[list[Hit]]:
         """Fused hits; `vectors` are the questions' embeddings when the caller has them already."""
+        if self.weight == 1.0:  # the dense ranking alone (what fusing would give), without scoring BM25
+            return self.dense.search(questions, top_k, product_id=product_id, vectors=vectors)
         depth = max(self.depth, top_k)
         dense = self.dense.search(questions, depth, product_id=product_id, vectors=vectors)
         lexical = self.lexical.search(questions, depth)
