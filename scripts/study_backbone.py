@@ -13,6 +13,11 @@ differences measure the backbone alone, not the retriever that the two architect
 `bsharedrag` with the domain run's retriever adapter. Scores: BLEU-3, ROUGE-L, BERTScore and
 citation precision with 95% bootstrap intervals, the answers' length in words against the
 references', and paired differences (domain minus base) with their intervals.
+
+`--probe-stops` generates nothing: for the questions whose reference answer starts with a bare
+"Yes." or "No." and goes on, it feeds each generator the prompt and that first word, and reports
+the probability that the answer ends there (end of turn, EOS, or the start of a citation marker)
+instead of going on to the evidence, and the mean log-probability of the reference continuation.
 """
 
 from __future__ import annotations
@@ -23,9 +28,15 @@ import statistics
 import time
 from pathlib import Path
 
+import re
+
+import torch
+
 from bsharedrag.data import load_dataset
 from bsharedrag.metrics import bootstrap_intervals, generation_scores, mean_scores, paired_difference
 from bsharedrag.model.baselines import EncoderRetriever
+from bsharedrag.model.generate import stop_token_ids
+from bsharedrag.model.prompt import build_prompt
 from bsharedrag.rag import RAG
 from bsharedrag.run import GENERATOR, Run
 from bsharedrag.text import words
@@ -39,6 +50,35 @@ def _passages(name: str, domain: Run, dataset, queries, depth: int) -> dict:
     return dict(zip([q.id for q in queries], retriever.search([q.text for q in queries], depth), strict=True))
 
 
+_BARE_POLAR = re.compile(r"^\s*(yes|no)[.!,]\s+(\S.*)$", re.IGNORECASE | re.DOTALL)
+
+
+def _probe_stops(run: Run, adapter: str | None, settings, queries, hits, top_k: int) -> dict:
+    """P(the answer ends right after its bare "Yes."/"No.") and the continuation's mean log-probability."""
+    backbone = run.backbone()
+    tokenizer = backbone.tokenizer
+    ends = set(stop_token_ids(tokenizer, backbone.base)) | {tokenizer(" [1]", add_special_tokens=False)["input_ids"][0],
+                                                           tokenizer("[1]", add_special_tokens=False)["input_ids"][0]}
+    ended, continuation = {}, []
+    for query in queries:
+        match = next((m for m in map(_BARE_POLAR.match, query.answers) if m), None)
+        if match is None:
+            continue
+        prompt = build_prompt(tokenizer, query.text, [hit.doc for hit in hits[query.id][:top_k]], settings)
+        head = tokenizer(match.group(0)[: match.start(2)].rstrip(), add_special_tokens=False)["input_ids"]
+        rest = tokenizer(" " + match.group(2).strip(), add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + head + rest], device=backbone.device)
+        with torch.inference_mode(), backbone.adapter(adapter):
+            logits = backbone.base(input_ids=ids).logits[0].float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        at = len(prompt) + len(head) - 1  # the position that predicts what follows "Yes."
+        ended[query.id] = float(log_probs[at, sorted(ends)].exp().sum())
+        targets = torch.tensor(rest, device=backbone.device)
+        continuation.append(float(log_probs[at: at + len(rest)].gather(1, targets[:, None]).mean()))
+    return {"questions": len(ended), "p_end_after_yes_no": statistics.mean(ended.values()),
+            "continuation_mean_log_prob": statistics.mean(continuation), "per_query": ended}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain-run", type=Path, required=True)
@@ -48,6 +88,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=80, help="First N queries with reference answers.")
     parser.add_argument("--passages", choices=["encoder", "bsharedrag"], default="encoder")
     parser.add_argument("--no-bertscore", action="store_true")
+    parser.add_argument("--probe-stops", action="store_true", help="Measure where answers end instead of generating.")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
 
@@ -63,6 +104,19 @@ def main() -> None:
         "base, zero-shot": (base, None), "domain, zero-shot": (domain, None),
         "base + generator": (base, GENERATOR), "domain + generator": (domain, GENERATOR),
     }
+    if args.probe_stops:
+        probes = {label: _probe_stops(run, run.adapter(adapter) if adapter else None, settings, queries, hits, top_k)
+                  for label, (run, adapter) in generators.items()}
+        differences = {f"{first} - {second}": paired_difference(probes[first]["per_query"], probes[second]["per_query"])
+                       for first, second in (("domain, zero-shot", "base, zero-shot"),
+                                             ("domain + generator", "base + generator"))}
+        args.output.write_text(json.dumps({"passages": args.passages, "queries": len(queries), "probes": probes,
+                                           "differences": differences}, indent=2))
+        for label, probe in probes.items():
+            print(f"{label:20} questions {probe['questions']}, P(end after yes/no) {probe['p_end_after_yes_no']:.3f}, "
+                  f"continuation mean log-prob {probe['continuation_mean_log_prob']:.3f}")
+        print(json.dumps(differences, indent=1))
+        return
     scores, answers, lengths, seconds = {}, {}, {}, {}
     for label, (run, adapter) in generators.items():
         started = time.time()
