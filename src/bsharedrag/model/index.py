@@ -12,9 +12,9 @@ to the lists trained at build time, so rebuild after the catalogue has changed a
 (a graph). Neither removes vectors under an ID map (HNSW cannot remove at all; faiss's
 `IndexIDMap2` removes only from an index that keeps insertion order, and asserts on IVF), so in
 both a deleted or replaced document's vector stays as a tombstone that searches skip, until the
-index is rebuilt from the store: at open, once tombstones pass a quarter of it. A search within one product is exact whatever the kind: it
-scores that product's vectors from the store, where an approximate index filtered down to a few
-documents would miss.
+index is rebuilt from the store: at open, once tombstones pass a quarter of it. A search within
+one product is exact whatever the kind: it scores that product's vectors from the store, where an
+approximate index filtered down to a few documents would miss.
 """
 
 from __future__ import annotations
@@ -61,12 +61,9 @@ class VectorIndex:
         self._db = connection
         self._faiss = faiss_index
         self._tombstones = set(tombstones)  # FAISS ids of removed vectors still in an approximate index
+        self.spec = _spec(manifest.get("faiss"))  # the FAISS kind and all its parameters
         self._lock = threading.RLock()
 
-    @property
-    def spec(self) -> dict:
-        """The FAISS kind and its parameters (`flat` for indexes built before there was a choice)."""
-        return self.manifest.get("faiss") or {"kind": "flat"}
 
     # --- building and opening -------------------------------------------------------------
 
@@ -114,7 +111,7 @@ class VectorIndex:
             live = {rowid for (rowid,) in connection.execute("SELECT rowid FROM docs")}
             held = set(faiss.vector_to_array(faiss_index.id_map).tolist())
             tombstones = held - live
-            exact = (manifest.get("faiss") or {}).get("kind", "flat") == "flat"
+            exact = _spec(manifest.get("faiss"))["kind"] == "flat"
             if live - held or (tombstones and exact) or len(tombstones) > _COMPACT_AT * max(len(held), 1):
                 faiss_index = None  # out of step with the store, or an approximate index full of removed vectors
         stale = faiss_index is None
@@ -189,9 +186,9 @@ class VectorIndex:
         params = (faiss.SearchParametersIVF() if kind == "ivf" else faiss.SearchParametersHNSW() if kind == "hnsw"
                   else faiss.SearchParameters())
         if kind == "ivf":
-            params.nprobe = spec.get("ivf_probe", 16)
+            params.nprobe = spec["ivf_probe"]
         if kind == "hnsw":
-            params.efSearch = max(spec.get("hnsw_ef_search", 128), k)
+            params.efSearch = max(spec["hnsw_ef_search"], k)
         if self._tombstones:  # the selectors must outlive the search
             removed = faiss.IDSelectorBatch(np.fromiter(self._tombstones, dtype=np.int64))
             kept = faiss.IDSelectorNot(removed)
@@ -292,6 +289,18 @@ def _build_faiss(connection: sqlite3.Connection, dim: int, spec: dict | None):
     return faiss_index(spec, vectors, ids)
 
 
+def _spec(recorded: dict | None) -> dict:
+    """A recorded FAISS spec with `IndexConfig`'s defaults for the parameters it leaves out (`flat` for
+    indexes built before there was a choice)."""
+    from ..config import IndexConfig
+
+    recorded = recorded or {"kind": "flat"}
+    kind = recorded["kind"]
+    if kind not in FAISS_KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; known: {', '.join(FAISS_KINDS)}")
+    return {**IndexConfig(kind=kind).faiss_spec(), **recorded}
+
+
 def faiss_index(spec: dict | None, vectors: np.ndarray, ids: np.ndarray, seed: int = 0):
     """A FAISS inner-product index of kind `spec["kind"]` (see the module docstring) holding `vectors` under `ids`.
 
@@ -300,16 +309,14 @@ def faiss_index(spec: dict | None, vectors: np.ndarray, ids: np.ndarray, seed: i
     """
     import faiss
 
-    spec = spec or {"kind": "flat"}
+    spec = _spec(spec)
     kind, dim = spec["kind"], vectors.shape[1]
-    if kind not in FAISS_KINDS:
-        raise ValueError(f"unknown index kind {kind!r}; known: {', '.join(FAISS_KINDS)}")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if kind == "hnsw":
-        inner = faiss.IndexHNSWFlat(dim, spec.get("hnsw_neighbors", 32), faiss.METRIC_INNER_PRODUCT)
+        inner = faiss.IndexHNSWFlat(dim, spec["hnsw_neighbors"], faiss.METRIC_INNER_PRODUCT)
         inner.hnsw.efConstruction = spec.get("hnsw_ef_construction", 80)
     elif kind == "ivf" and len(vectors):
-        lists = max(1, min(spec.get("ivf_lists") or int(4 * len(vectors) ** 0.5), len(vectors)))
+        lists = max(1, min(spec["ivf_lists"] or int(4 * len(vectors) ** 0.5), len(vectors)))
         quantizer = faiss.IndexFlatIP(dim)
         inner = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
         inner.own_fields = True  # the IVF index frees its quantizer; Python's wrapper must not free it first
