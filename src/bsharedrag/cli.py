@@ -125,7 +125,7 @@ def _number(value) -> str:
 @_reports_errors
 def run(config: ConfigOption = None, set_: SetOption = None, run: RunOption = None,
         force: Annotated[bool, typer.Option("--force", help="Rebuild every stage, even those up to date.")] = False):
-    """Run every stage in order: pretrain, mine, train-retriever, index, train-generator, eval."""
+    """Run every stage in order: pretrain, synth, mine, train-retriever, index, train-reranker, train-generator, eval."""
     _print_tables(_build(stage_names(), config, set_, run, stage_names() if force else ()).eval_results())
 
 
@@ -273,6 +273,9 @@ def _print_tables(results_path: Path) -> None:
             typer.echo(f"\n{section} ({results['data']}, split {results['split']}, {counts[section]} queries; "
                        "95% bootstrap intervals over the queries in brackets)\n")
             typer.echo(markdown_table(results[section], intervals=results.get("intervals", {}).get(section)))
+    if results.get("search_ms_per_query"):
+        typer.echo("\nsearch time per query (ms): " + ", ".join(f"{system} {ms}" for system, ms in
+                                                              results["search_ms_per_query"].items()))
     if results.get("faithfulness"):
         typer.echo("\nfaithfulness (bsharedrag): " + ", ".join(f"{k} {_number(v)}" for k, v in results["faithfulness"].items()))
     losses = results.get("data_losses") or {}

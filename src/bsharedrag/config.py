@@ -33,6 +33,7 @@ __all__ = [
     "LoraSettings",
     "MineConfig",
     "PretrainConfig",
+    "RerankerConfig",
     "RetrieverConfig",
     "ServeConfig",
     "SynthConfig",
@@ -212,6 +213,25 @@ class GeneratorConfig(TrainSettings):
     lr: float = 3e-4
 
 
+class RerankerConfig(TrainSettings):
+    enabled: bool = Field(False, description="Train the reranker adapter (the train-reranker stage) and rerank "
+                          "the first stage's candidates with it in search, ask, the server and eval.")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    datasets: list[DatasetRef] = Field(default_factory=_training_datasets, description="Training queries.")
+    depth: int = Field(20, gt=0, description="First-stage candidates reranked per question.")
+    negatives_per_query: int = Field(
+        7, gt=0, description="Negatives beside the positive in each query's listwise softmax: half mined hard "
+        "negatives, half the trained retriever's own top-ranked misses (the other kind fills in when one runs out).",
+    )
+    max_query_len: int = Field(64, gt=4, description="Question tokens kept in a pair.")
+    max_passage_len: int = Field(128, gt=4, description="Passage tokens kept in a pair.")
+    batch_tokens: int = Field(4096, gt=0, description="Tokens per scoring batch at query time.")
+    training_attention: Literal["auto", "eager", "sdpa"] = Field(
+        "auto", description="Attention kernel of the training passes (as retriever.training_attention)."
+    )
+    lr: float = 2e-4
+
+
 class CatalogueConfig(Section):
     chunk_tokens: int = Field(
         200, gt=8, description="`catalogue import`: the most tokens (of the backbone's tokenizer) in one passage."
@@ -371,6 +391,7 @@ class Config(Section):
     retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    reranker: RerankerConfig = Field(default_factory=RerankerConfig)
     catalogue: CatalogueConfig = Field(default_factory=CatalogueConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -2,7 +2,9 @@
 
 Writes `{"retrieval": {system: metrics}, "generation": {system: metrics}, ...}` to a JSON file.
 Retrieval systems: `bsharedrag` (the retriever adapter over an index of the dataset's corpus),
-`bm25` and `encoder` (all-MiniLM-L6-v2). Generation systems, on the queries that have reference
+`bm25`, `encoder` (all-MiniLM-L6-v2), `hybrid` (BM25 fused with `bsharedrag`) and, when the run
+reranks, `bsharedrag+rerank` and `hybrid+rerank` (their top `reranker.depth` reordered by the
+reranker adapter); each with its mean search time per query. Generation systems, on the queries that have reference
 answers: `bsharedrag` (generator adapter) and `zero_shot` (the same backbone with no adapter),
 both given the same retrieved passages and the same prompt.
 
@@ -36,16 +38,22 @@ from .progress import progress
 if TYPE_CHECKING:
     from .run import Run
 
-__all__ = ["evaluate", "retrieval_runs"]
+__all__ = ["evaluate", "retrieval_runs", "retrieval_systems"]
 
 log = logging.getLogger(__name__)
 _DEPTH = 10  # the deepest cut-off among the retrieval metrics
 _SEARCH_CHUNK = 128  # questions per search call: enough to fill the encoder's batches
 
 
-def _retriever(run: Run, dataset: Dataset, system: str):
-    from .model.baselines import BM25Retriever, EncoderRetriever
+_RERANKED = "+rerank"
 
+
+def _retriever(run: Run, dataset: Dataset, system: str, reranker=None):
+    from .model.baselines import BM25Retriever, EncoderRetriever
+    from .model.reranker import RerankedRetriever
+
+    if system.endswith(_RERANKED) and system[: -len(_RERANKED)] in ("bsharedrag", "hybrid"):
+        return RerankedRetriever(_retriever(run, dataset, system[: -len(_RERANKED)]), reranker)
     if system == "bsharedrag":
         return run.retriever(dataset.path)
     if system == "bm25":
@@ -54,7 +62,18 @@ def _retriever(run: Run, dataset: Dataset, system: str):
         return EncoderRetriever(dataset.corpus, run.config.eval.encoder_model, show_progress=True)
     if system == "hybrid":
         return _hybrid(run, dataset)
-    raise ValueError(f"unknown retrieval system {system!r}; known: bsharedrag, bm25, encoder, hybrid")
+    raise ValueError(f"unknown retrieval system {system!r}; known: bsharedrag, bm25, encoder, hybrid, "
+                     "bsharedrag+rerank, hybrid+rerank")
+
+
+def retrieval_systems(run: Run) -> list[str]:
+    """`eval.systems`, with `bsharedrag+rerank` and `hybrid+rerank` after their first stages when the run reranks."""
+    systems = []
+    for system in run.config.eval.systems:
+        systems.append(system)
+        if system in ("bsharedrag", "hybrid") and run.reranks and system + _RERANKED not in run.config.eval.systems:
+            systems.append(system + _RERANKED)
+    return systems
 
 
 def _hybrid(run: Run, dataset: Dataset):
@@ -69,29 +88,37 @@ def _hybrid(run: Run, dataset: Dataset):
     return fit_hybrid(run.retriever(dataset.path), BM25Retriever(dataset.corpus), pairs, source, settings.fusion)
 
 
-def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict, dict, dict, dict]:
-    """system -> {query id -> ranked doc ids}; also the BSharedRAG hits (for generation), timings, fusion weights."""
-    runs, timings, dense_hits, fusion = {}, {}, {}, {}
+def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict, dict, dict]:
+    """system -> {query id -> ranked doc ids}; the BSharedRAG hits (for generation); and facts for the
+    results: each system's seconds (building it included), its search time per query, fusion weights."""
+    runs, dense_hits = {}, {}
+    facts: dict = {"timings_seconds": {}, "search_ms_per_query": {}}
+    reranker = run.reranker(memo={}) if any(s.endswith(_RERANKED) for s in systems) else None
     questions = [q.text for q in dataset.queries]
     for system in systems:
         started = time.time()
-        retriever, rows = _retriever(run, dataset, system), []
+        retriever, rows, searching = _retriever(run, dataset, system, reranker), [], 0.0
         bar = progress(total=len(questions), desc=f"retrieve ({system})")
         for start in range(0, len(questions), _SEARCH_CHUNK):  # in chunks, for the progress bar
             chunk = questions[start: start + _SEARCH_CHUNK]
+            began = time.perf_counter()
             rows += retriever.search(chunk, _DEPTH)
+            searching += time.perf_counter() - began
             bar.update(len(chunk))
         bar.close()
         hits = dict(zip([q.id for q in dataset.queries], rows, strict=True))
         runs[system] = {qid: [hit.doc.id for hit in row] for qid, row in hits.items()}
         if system == "bsharedrag":
             dense_hits = hits
-        timings[system] = round(time.time() - started, 1)
+        facts["timings_seconds"][system] = round(time.time() - started, 1)
+        facts["search_ms_per_query"][system] = round(1000 * searching / len(questions), 1)
         if system == "hybrid":
-            fusion[system] = retriever.chosen
+            facts.setdefault("fusion", {})[system] = retriever.chosen
         del retriever
         free_memory()  # a baseline's model and index go before the next system's
-    return runs, dense_hits, timings, fusion
+    if reranker is not None and len(reranker.memo):  # a pair scored for one system is not scored again for another
+        facts["reranked_pairs"] = len(reranker.memo)
+    return runs, dense_hits, facts
 
 
 def _answered_queries(run: Run, dataset: Dataset) -> list:
@@ -198,18 +225,18 @@ def evaluate(run: Run, data: Path, split: str, output: Path, top_k: int | None =
     dataset = load_dataset(data, split, strict=run.config.strict_data).sample(max_queries, run.config.seed)
     if not dataset.queries:
         raise ValueError(f"{data} split {split!r} has no judged query to evaluate")
-    systems = list(settings.systems)
+    scored = retrieval_systems(run)
+    systems = list(scored)
     if (settings.generation or settings.faithfulness) and "bsharedrag" not in systems:
         systems.append("bsharedrag")  # answers read the passages the BSharedRAG retriever found
-    runs, dense_hits, timings, fusion = retrieval_runs(run, dataset, systems)
-    scores = {"retrieval": {s: per_query_metrics(dataset.qrels, runs[s], RETRIEVAL_METRICS) for s in settings.systems}}
+    runs, dense_hits, facts = retrieval_runs(run, dataset, systems)
+    scores = {"retrieval": {s: per_query_metrics(dataset.qrels, runs[s], RETRIEVAL_METRICS) for s in scored}}
     results = {
         "data": str(data),
         "split": split,
         "queries": len(dataset.queries),
         "data_losses": dataset.losses,
-        "timings_seconds": timings,
-        **({"fusion": fusion} if fusion else {}),
+        **facts,
         "runs": runs,
     }
     has_answers = any(q.answers for q in dataset.queries)

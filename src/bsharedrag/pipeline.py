@@ -1,6 +1,6 @@
 """The stages of a run, in order, each skipped while its artefact is up to date.
 
-    pretrain -> synth -> mine -> retriever -> index -> generator -> eval
+    pretrain -> synth -> mine -> retriever -> index -> reranker -> generator -> eval
 
 A stage is a row of `STAGES`: its name, what it is built from (`inputs`: the settings and the
 upstream ids that make its fingerprint) and how it is built (`build`: writes the artefact folder,
@@ -28,7 +28,7 @@ from .config import Config
 from .data import read_corpus
 from .files import file_hash
 from .memory import free_memory, peak_rss_mib, reset_peak_rss
-from .model.backbone import GENERATOR, RETRIEVER, SharedBackbone, resolve_model_source
+from .model.backbone import GENERATOR, RERANKER, RETRIEVER, SharedBackbone, resolve_model_source
 from .run import Run, dataset_id
 
 __all__ = ["STAGES", "Stage", "refuse_unbuilt_settings", "run_stages", "stage_names"]
@@ -207,6 +207,39 @@ def _index(run: Run, folder: Path) -> tuple[dict, dict]:
     return stats, {}
 
 
+# --- reranker ---------------------------------------------------------------------------
+
+
+def _reranker_inputs(run: Run) -> tuple[dict, dict]:
+    config = run.config
+    if not config.reranker.enabled:  # disabled, it trains nothing: its other settings change nothing
+        return {"enabled": False}, {}
+    inputs = {**run.ids("pretrain", "mine", "retriever"), "datasets": run.dataset_inputs(config.reranker.datasets),
+              "seed": config.seed}
+    return _settings(config.reranker), inputs
+
+
+def _reranker(run: Run, folder: Path) -> tuple[dict, dict]:
+    from .train.mining import retriever_misses
+    from .train.reranker import rerank_examples, train_reranker
+    from .train.retriever import training_examples
+
+    config, settings = run.config, run.config.reranker
+    if not settings.enabled:
+        return {"skipped": "reranker.enabled is false"}, {}
+    datasets = [run.dataset(ref) for ref in settings.datasets]
+    misses: dict[str, list[str]] = {}
+    for dataset in datasets:  # what the first stage ranks high but is not relevant: what reranking must fix
+        misses.update(retriever_misses(dataset, run.retriever(dataset.path), settings.negatives_per_query,
+                                       settings.depth))
+    mined = json.loads(run.negatives_file.read_text())
+    examples = rerank_examples(training_examples(datasets, mined), training_examples(datasets, misses))
+    free_memory()
+    backbone = run.backbone()
+    backbone.remove_adapter(RERANKER)  # retraining starts from a fresh adapter
+    return train_reranker(backbone, examples, settings, folder, config.seed), {}
+
+
 # --- generator --------------------------------------------------------------------------
 
 
@@ -239,6 +272,8 @@ def _generator(run: Run, folder: Path) -> tuple[dict, dict]:
 
 def _eval_inputs(run: Run) -> tuple[dict, dict]:
     inputs = run.ids("pretrain", "retriever", "index", "generator")
+    if run.config.reranker.enabled:
+        inputs |= run.ids("reranker")
     inputs["data"] = dataset_id(run.data_path(run.config.eval.data), run.config.eval.split)
     return _settings(run.config.eval), inputs
 
@@ -261,6 +296,8 @@ STAGES: tuple[Stage, ...] = (
           _retriever_inputs, _retriever, command="train-retriever"),
     Stage("index", "Embed the catalogue (index.corpus) with the retriever into the run's vector index.",
           _index_inputs, _index),
+    Stage("reranker", "Train the reranker adapter (listwise softmax over mined negatives and retriever misses), "
+          "when reranker.enabled.", _reranker_inputs, _reranker, command="train-reranker"),
     Stage("generator", "Stage 4: train the generator adapter on retrieved passages (loss on answer tokens only).",
           _generator_inputs, _generator, command="train-generator"),
     Stage("eval", "Evaluate the run and the baselines on eval.data (retrieval and answers).", _eval_inputs, _eval),

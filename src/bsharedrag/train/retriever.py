@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import RetrieverConfig
+from ..config import RerankerConfig, RetrieverConfig
 from ..data import Dataset, Document
 from ..model.backbone import RETRIEVER, SharedBackbone
 from ..model.encoder import Encoder
@@ -139,7 +139,7 @@ def contrastive_step(
     return loss.item()
 
 
-def training_attention(settings: RetrieverConfig, device: str) -> str | None:
+def training_attention(settings: RetrieverConfig | RerankerConfig, device: str) -> str | None:
     """The attention kernel of the training passes (None: the model's own); see `training_attention`."""
     if settings.training_attention == "auto":
         return "eager" if device == "cpu" else None
