@@ -4,7 +4,7 @@ The package is layered. Each row names a layer, its modules, and the layers (or 
 import besides its own; `tests/test_layers.py` reads this table and checks every import statement
 of the package against it, so the table is the rule:
 
-    base:       config data files memory progress text    -> nothing
+    base:       config data distributed files memory progress text -> nothing
     metrics:    metrics                                   -> text
     catalogue:  catalogue                                 -> base
     synth:      synth                                     -> model base
@@ -18,7 +18,7 @@ of the package against it, so the table is the rule:
     pipeline:   pipeline                                  -> train evaluate synth run model base
     report:     report                                    -> metrics base
     compare:    compare                                   -> pipeline evaluate efficiency run base
-    cli:        cli                                       -> serving compare report pipeline evaluate rag run model base metrics catalogue synth
+    cli:        cli __main__                              -> serving compare report pipeline evaluate rag run model base metrics catalogue synth
 
 `model/` holds what inference needs (backbone, encoder, prompts, decoding, index, baselines), `train/`
 what building the adapters needs; `run.Run` owns a run folder and loads what was built in it;

@@ -17,6 +17,7 @@ already built with the same fingerprint adopts it instead of building it again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -24,12 +25,13 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import distributed
 from .config import Config
 from .data import read_corpus
 from .files import file_hash
 from .memory import free_memory, peak_rss_mib, reset_peak_rss
 from .model.backbone import GENERATOR, RERANKER, RETRIEVER, SharedBackbone, resolve_model_source
-from .run import Run, dataset_id
+from .run import Artefact, Run, dataset_id
 
 __all__ = ["STAGES", "Stage", "refuse_unbuilt_settings", "run_stages", "stage_names"]
 
@@ -50,6 +52,7 @@ class Stage:
     inputs: Callable[[Run], tuple[dict, dict]]  # run -> (settings, inputs): what the artefact's fingerprint hashes
     build: Callable[[Run, Path], tuple[dict, dict]]  # (run, folder) -> (statistics, extra manifest fields)
     command: str | None = None
+    trains: bool = False  # over several processes every process builds it (each its share); else the main one
 
 
 # --- pretrain ---------------------------------------------------------------------------
@@ -288,18 +291,18 @@ def _eval(run: Run, folder: Path) -> tuple[dict, dict]:
 
 STAGES: tuple[Stage, ...] = (
     Stage("pretrain", "Stage 1: continual pre-training of the backbone on the domain corpus.",
-          _pretrain_inputs, _pretrain),
+          _pretrain_inputs, _pretrain, trains=True),
     Stage("synth", "Write synthetic questions and answers from the catalogue (when synth.enabled).",
           _synth_inputs, _synth),
     Stage("mine", "Stage 2: mine hard negatives for the retriever's training queries.", _mine_inputs, _mine),
     Stage("retriever", "Stage 3: train the retriever adapter (InfoNCE with in-batch and hard negatives).",
-          _retriever_inputs, _retriever, command="train-retriever"),
+          _retriever_inputs, _retriever, command="train-retriever", trains=True),
     Stage("index", "Embed the catalogue (index.corpus) with the retriever into the run's vector index.",
           _index_inputs, _index),
     Stage("reranker", "Train the reranker adapter (listwise softmax over mined negatives and retriever misses), "
-          "when reranker.enabled.", _reranker_inputs, _reranker, command="train-reranker"),
+          "when reranker.enabled.", _reranker_inputs, _reranker, command="train-reranker", trains=True),
     Stage("generator", "Stage 4: train the generator adapter on retrieved passages (loss on answer tokens only).",
-          _generator_inputs, _generator, command="train-generator"),
+          _generator_inputs, _generator, command="train-generator", trains=True),
     Stage("eval", "Evaluate the run and the baselines on eval.data (retrieval and answers).", _eval_inputs, _eval),
 )
 
@@ -314,6 +317,9 @@ def run_stages(run: Run | Config, stages: tuple[str, ...] | None = None, rebuild
 
     The stages named in `rebuild` are built again even when up to date (what was built from them is
     then stale and rebuilt too); each keeps its previous artefact until the new one is complete.
+    Launched over several processes (`accelerate launch`, `torchrun`), every process trains its share
+    of the training stages (`Stage.trains`), the main one alone builds the others, and the main one
+    writes every artefact.
     """
     run = run if isinstance(run, Run) else Run(run)
     names = stage_names()
@@ -321,26 +327,47 @@ def run_stages(run: Run | Config, stages: tuple[str, ...] | None = None, rebuild
     unknown = [s for s in (*stages, *rebuild) if s not in names]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {list(names)}")
-    run.save_config()
+    distributed.init()
+    if distributed.is_main():
+        run.save_config()
     return {stage.name: _run_stage(run, stage, stage.name in rebuild) for stage in STAGES if stage.name in stages}
 
 
 def _run_stage(run: Run, stage: Stage, force: bool) -> dict:
+    distributed.barrier()  # over several processes, every one sees the same finished stages
     artefact = run.artefact(stage.name, *stage.inputs(run))
     if artefact.is_fresh() and not force:
         log.info("%s: up to date in %s", stage.name, artefact.folder)
         return artefact.manifest
-    if not force and (adopted := run.adopt(stage.name, artefact)):
+    if not distributed.is_main():
+        return _follow(run, stage, artefact)
+    if not force and distributed.world_size() == 1 and (adopted := run.adopt(stage.name, artefact)):
         return adopted
     log.info("%s: building %s", stage.name, artefact.folder)
     started = time.time()
     measured = reset_peak_rss()
-    stats, extra = stage.build(run, artefact.start())
+    with distributed.lockstep() if stage.trains else contextlib.nullcontext():
+        stats, extra = stage.build(run, artefact.start())
     stats["stage_seconds"] = round(time.time() - started, 1)
     if measured:
         stats["peak_rss_mib"] = round(peak_rss_mib())  # this stage's own peak, what earlier stages left included
     free_memory()  # what the stage built and dropped (a trainee model, optimiser state) goes before the next one
-    return artefact.finish(stats, **extra)
+    manifest = artefact.finish(stats, **extra)
+    distributed.barrier()
+    return manifest
+
+
+def _follow(run: Run, stage: Stage, artefact: Artefact) -> dict:
+    """A process other than the main one: it takes its share of a training stage, in a folder of its own
+    that is discarded (the main process writes the artefact), and waits for the main process."""
+    if stage.trains:
+        scratch = run.process_artefact(stage.name, artefact.settings, artefact.inputs, distributed.rank())
+        with distributed.lockstep():
+            stage.build(run, scratch.start())
+        scratch.discard()
+        free_memory()
+    distributed.barrier()
+    return run.manifest(stage.name)
 
 
 def refuse_unbuilt_settings(run: Run, built_with: Run, skip: tuple[str, ...] = ("eval",)) -> None:

@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import distributed
 from .config import Config, DatasetRef, EvalConfig, fingerprint, load_config
 from .data import Dataset, load_dataset, read_corpus
 from .files import file_hash, remove_path, settle, swap_in, write_text_atomic
@@ -111,6 +112,10 @@ class Artefact:
         swap_in(building, self.folder)  # an adopted artefact is a link: the other run's folder stays as it is
         return manifest
 
+    def discard(self) -> None:
+        """Remove what `start` began (a process's share of a stage that another process writes)."""
+        remove_path(self._beside("building"))
+
     def _beside(self, role: str) -> Path:
         return self.folder.with_name(f".{self.folder.name}.{role}")
 
@@ -189,6 +194,10 @@ class Run:
 
     def artefact(self, stage: str, settings: dict, inputs: dict) -> Artefact:
         return Artefact(self.stage_folder(stage), settings, inputs)
+
+    def process_artefact(self, stage: str, settings: dict, inputs: dict, rank: int) -> Artefact:
+        """Where process `rank` (not the main one) builds its share of a training stage: RUN/.<stage>.rank<N>.building."""
+        return Artefact(self.folder / f"{stage}.rank{rank}", settings, inputs)
 
     def adopt(self, stage: str, artefact: Artefact) -> dict | None:
         """Link `stage` to the same artefact in a `reuse` run folder, if one was built with this fingerprint."""
@@ -304,11 +313,14 @@ class Run:
         if self.manifest("index")["inputs"]["corpus"] == digest:
             return VectorIndex.open(self.index_folder, expect=ids)
         side = self.stage_folder("retriever") / "side-indexes" / digest
+        distributed.sync()  # in a training stage over several processes, the main one alone builds it
         try:
             return VectorIndex.open(side, expect=ids)
         except (FileNotFoundError, RuntimeError):
-            docs = read_corpus(corpus_file, self.config.strict_data)
-            build_index(self.encoder(), docs, side, self.index_manifest(digest), self.config.index.batch_tokens)
+            if distributed.is_main():
+                docs = read_corpus(corpus_file, self.config.strict_data)
+                build_index(self.encoder(), docs, side, self.index_manifest(digest), self.config.index.batch_tokens)
+            distributed.sync()
             return VectorIndex.open(side, expect=ids)
 
     def retriever(self, corpus_dir: Path | None = None) -> DenseRetriever:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..config import GeneratorConfig
 from ..data import Dataset, Document
 from ..model.backbone import GENERATOR
@@ -203,11 +204,12 @@ def answer_loss_step(
     """Forward and backward over one step batch; returns its mean loss per answer token.
 
     Every micro-batch is divided by the step's answer-token count, so the step's gradient is
-    `weight` x the mean over its answer tokens however the batch is split.
+    `weight` x the mean over its answer tokens however the batch is split, over micro-batches or
+    processes (each process returns its share of the mean).
     """
     n_tokens = sum(sum(label != IGNORE_INDEX for label in labels) for _, labels in batch)
     total = 0.0
-    for micro in micro_batches(batch, settings):
+    for micro in micro_batches(distributed.share(batch), settings):  # this process's share (all of it alone)
         with backbone.autocast_context():
             loss_sum = answer_loss_sum(backbone, collate(micro, pad_id))
         (loss_sum * (weight / n_tokens)).backward()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..config import TrainSettings
 from ..files import replacing, settled
 from ..memory import trim_heap
@@ -107,7 +108,9 @@ def train_loop(
 ) -> list[float]:
     """Run the optimiser over `batches`; resumes from `checkpoint_dir` when a checkpoint is there.
 
-    Returns the loss of every step. `step_fn` must call `backward()`; the loop only steps.
+    Returns the loss of every step. `step_fn` must call `backward()`; the loop only steps. Over
+    several processes (`distributed`), `step_fn` handles this process's share of the batch and returns
+    its share of the loss; the loop sums gradients and losses over the processes before stepping.
     """
     params = list(named_params.values())
     if not params:
@@ -119,14 +122,16 @@ def train_loop(
     if (settled(checkpoint) / "state.pt").exists():
         start, losses = _load_checkpoint(checkpoint, named_params, optimizer)
         log.info("%s: resuming from step %d of %d", description, start, len(batches))
+    distributed.broadcast_from_main(params)  # every process starts from the same weights
     total = len(batches)
-    bar = progress(total=total, initial=start, desc=description)
+    bar = progress(total=total, initial=start, desc=description, quiet=not distributed.is_main())
     for step in range(start, total):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, settings)
         if step > start and step % settings.checkpoint_every == 0:
             _save_checkpoint(checkpoint, named_params, optimizer, step, losses)
-        loss = step_fn(batches[step])
+        loss = distributed.sum_value(step_fn(batches[step]))
+        distributed.sum_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

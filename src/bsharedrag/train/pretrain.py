@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..config import PretrainConfig
 from ..data import read_corpus
 from ..model.backbone import SharedBackbone
@@ -80,7 +81,7 @@ def pretrain(backbone: SharedBackbone, texts: list[str], settings: PretrainConfi
 
     def step(batch: list[list[int]]) -> float:
         total = 0.0
-        for micro in micro_batches(batch, settings):
+        for micro in micro_batches(distributed.share(batch), settings):  # this process's share
             with backbone.autocast_context():
                 loss = _loss(backbone.model, micro, backbone.device) * len(micro) / len(batch)
             loss.backward()

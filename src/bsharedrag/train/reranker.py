@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..config import RerankerConfig
 from ..data import Document
 from ..model.backbone import RERANKER, SharedBackbone
 from ..model.reranker import Reranker
-from .loop import loss_summary, micro_batches, step_batches, train_loop
+from .loop import loss_summary, micro_batches, seed_everything, step_batches, train_loop
 from .retriever import TrainingExample, training_attention
 
 __all__ = ["RerankExample", "listwise_step", "rerank_examples", "train_reranker"]
@@ -61,12 +62,13 @@ def _group(example: RerankExample, count: int, rng: random.Random) -> list[Docum
 
 def listwise_step(reranker: Reranker, batch: list[RerankExample], settings: RerankerConfig,
                   rng: random.Random) -> float:
-    """One forward and backward pass over `batch` (micro-batched by question); returns the mean loss."""
+    """One forward and backward pass over `batch` (micro-batched by question); returns the mean loss
+    (this process's share of it: the groups are drawn for the whole batch on every process)."""
     groups = [_group(example, settings.negatives_per_query, rng) for example in batch]
     total = 0.0
     pairs = {id(ex): [reranker.pair_ids(ex.query, doc) for doc in group] for ex, group in zip(batch, groups)}
     with reranker.backbone.attention(training_attention(settings, reranker.backbone.device)):
-        for micro in micro_batches(batch, settings):
+        for micro in micro_batches(distributed.share(batch), settings):  # this process's share
             rows = [row for ex in micro for row in pairs[id(ex)]]
             scores = reranker.forward(rows)
             losses, start = [], 0
@@ -89,6 +91,7 @@ def train_reranker(backbone: SharedBackbone, examples: list[RerankExample], sett
         raise ValueError("no training question has a negative to rank its positive against")
     reranker = Reranker(backbone, settings)
     rng = random.Random(seed)
+    seed_everything(seed)  # the new adapter's random start, whatever ran before in this process
     started = time.time()
     with backbone.training(RERANKER, settings.lora) as named:
         losses = train_loop(named, step_batches(usable, settings, seed),

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..config import RerankerConfig, RetrieverConfig
 from ..data import Dataset, Document
 from ..model.backbone import RETRIEVER, SharedBackbone
 from ..model.encoder import Encoder
-from .loop import loss_summary, step_batches, train_loop
+from .loop import loss_summary, seed_everything, step_batches, train_loop
 
 __all__ = [
     "TrainingExample", "contrastive_step", "info_nce", "train_retriever", "training_attention", "training_examples",
@@ -116,7 +117,9 @@ def contrastive_step(
     LoRA dropout is 0 by default; with dropout the two passes would see different masks.
     Both passes run with the attention kernel of `training_attention`; inference keeps the model's.
     """
-    queries, passages, targets, mask = _batch_tensors(batch, settings, rng)
+    queries, passages, targets, mask = _batch_tensors(batch, settings, rng)  # the whole batch, on every process
+    if distributed.world_size() > 1:
+        return _sharded_step(encoder, queries, passages, targets, mask, settings, weight)
     cached = settings.micro_batch_size is not None and settings.micro_batch_size < len(batch)
     size = settings.micro_batch_size if cached else _GROUP
     sides = []
@@ -132,11 +135,44 @@ def contrastive_step(
         loss = info_nce(q, p, targets.to(q.device), settings.temperature, mask.to(q.device))
         (loss * weight).backward()
         if cached:
-            for (texts, groups, max_len), grads in zip(sides, (q.grad, p.grad), strict=True):
-                for group in groups:
-                    reps = encoder.forward(encoder.tokenize([texts[i] for i in group], max_len))
-                    (reps * grads[torch.tensor(group, device=grads.device)]).sum().backward()
+            _backward_cached(encoder, sides, (q.grad, p.grad))
     return loss.item()
+
+
+def _backward_cached(encoder: Encoder, sides, grads) -> None:
+    """Gradient caching's last pass: re-embed each group with gradients and back-propagate its cached gradient."""
+    for (texts, groups, max_len), side_grads in zip(sides, grads, strict=True):
+        for group in groups:
+            reps = encoder.forward(encoder.tokenize([texts[i] for i in group], max_len))
+            (reps * side_grads[torch.tensor(group, device=side_grads.device)]).sum().backward()
+
+
+def _sharded_step(encoder: Encoder, queries, passages, targets, mask, settings: RetrieverConfig,
+                  weight: float) -> float:
+    """`contrastive_step` over several processes: gradient caching with every process's embeddings as negatives.
+
+    Each process embeds its contiguous share of the questions and of the passages without
+    gradients; the shares are gathered in rank order (the whole batch's order), every process
+    computes the same loss over all of them, and back-propagates the embedding gradients of its own
+    share. Summed over the processes, the weight gradients are one process's over the whole batch.
+    Returns this process's share of the loss (the loss / the number of processes).
+    """
+    size = settings.micro_batch_size or _GROUP
+    sides, ranges = [], []
+    for texts, max_len in ((encoder.query_texts(queries), settings.max_query_len),
+                           (encoder.passage_texts(passages), settings.max_passage_len)):
+        start, end = distributed.share_range(len(texts))
+        sides.append((texts[start:end], _length_groups(encoder, texts[start:end], max_len, size), max_len))
+        ranges.append((start, end))
+    with encoder.backbone.attention(training_attention(settings, encoder.backbone.device)):
+        with torch.no_grad():
+            q, p = (distributed.gather_rows(_encode(encoder, texts, groups, max_len)) for texts, groups, max_len in sides)
+        q.requires_grad_(True)
+        p.requires_grad_(True)
+        loss = info_nce(q, p, targets.to(q.device), settings.temperature, mask.to(q.device))
+        (loss * weight).backward()
+        _backward_cached(encoder, sides, [full.grad[start:end] for full, (start, end) in zip((q, p), ranges)])
+    return loss.item() / distributed.world_size()
 
 
 def training_attention(settings: RetrieverConfig | RerankerConfig, device: str) -> str | None:
@@ -152,6 +188,7 @@ def train_retriever(
     """Train the `retriever` adapter on `examples` and save it to `out_dir`."""
     encoder = Encoder(backbone, settings)
     rng = random.Random(seed)
+    seed_everything(seed)  # the new adapter's random start, whatever ran before in this process
     started = time.time()
     with backbone.training(RETRIEVER, settings.lora) as named:
         losses = train_loop(
