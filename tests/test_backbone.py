@@ -99,3 +99,20 @@ def test_the_library_internals_that_the_fast_paths_read_are_there():
     assert not missing, (f"transformers {transformers.__version__} changed the Llama modules that the lean decoder "
                          f"(model/generate.py) reads (missing: {missing}): keep transformers below this version in "
                          "pyproject.toml, or update model/generate.py")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        backbone = tiny_backbone()
+        backbone.gradient_checkpointing = checkpointing
+        torch.manual_seed(0)
+        with backbone.training("a", LoraSettings(r=4)) as named:
+            ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+            assert backbone.base.is_gradient_checkpointing == checkpointing
+            backbone.model(input_ids=ids, labels=ids).loss.backward()
+            grads.append({name: p.grad.clone() for name, p in named.items()})
+        assert not backbone.base.is_gradient_checkpointing  # off again after the block
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name])

@@ -67,6 +67,11 @@ class BackboneConfig(Section):
         "auto", description="Compute precision; 'auto' uses bf16 autocast where the hardware runs it fast."
     )
     threads: int | None = Field(None, description="CPU threads for torch; None keeps torch's default.")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Recompute activations in the backward pass of training instead of holding them: "
+        "'auto' is on for CUDA, where activation memory bounds the batch, and off on CPU, where it would cost a "
+        "second forward pass for memory the host has.",
+    )
 
 
 class DatasetRef(Section):

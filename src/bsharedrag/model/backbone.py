@@ -147,6 +147,7 @@ class SharedBackbone:
         self._has_module_copies = False
         self._active: str | None = None
         self.decode_batches: dict = {}  # adapter -> the answers being decoded with it (model.generate.DecodeBatch)
+        self.gradient_checkpointing = False
 
     @classmethod
     def load(cls, config: BackboneConfig, path: Path | str | None = None) -> SharedBackbone:
@@ -171,6 +172,8 @@ class SharedBackbone:
         model.to(device).eval()
         backbone = cls(model, tokenizer, device, autocast_dtype(config.precision, device))
         backbone.source = {"model": config.model, "path": str(source)}
+        backbone.gradient_checkpointing = config.gradient_checkpointing == "on" or (
+            config.gradient_checkpointing == "auto" and device == "cuda")
         return backbone
 
     # --- adapters -------------------------------------------------------------------------
@@ -326,12 +329,26 @@ class SharedBackbone:
         named = {n: p for n, p in self.model.named_parameters() if id(p) in trainable}
         self.model.train()
         try:
-            yield named
+            with self.checkpointed():
+                yield named
         finally:
             self.model.eval()
             for p in named.values():
                 p.requires_grad_(False)
             self.use(previous)
+
+    @contextlib.contextmanager
+    def checkpointed(self) -> Iterator[SharedBackbone]:
+        """A training block with gradient checkpointing when `gradient_checkpointing` is set (else as it is)."""
+        if not self.gradient_checkpointing:
+            yield self
+            return
+        # Non-reentrant: it back-propagates into LoRA weights even though the frozen embeddings need no gradient.
+        self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            yield self
+        finally:
+            self.base.gradient_checkpointing_disable()
 
     # --- compute --------------------------------------------------------------------------
 

@@ -89,8 +89,9 @@ def pretrain(backbone: SharedBackbone, texts: list[str], settings: PretrainConfi
         return total
 
     backbone.model.train()
-    losses = train_loop(named, step_batches(train, settings, seed), step, settings, Path(out_dir) / "checkpoint",
-                        "continual pre-training")
+    with backbone.checkpointed():
+        losses = train_loop(named, step_batches(train, settings, seed), step, settings, Path(out_dir) / "checkpoint",
+                            "continual pre-training")
     backbone.model.eval()
     for p in backbone.model.parameters():
         p.requires_grad_(False)
