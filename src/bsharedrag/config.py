@@ -234,7 +234,7 @@ class RerankerConfig(TrainSettings):
     training_attention: Literal["auto", "eager", "sdpa"] = Field(
         "auto", description="Attention kernel of the training passes (as retriever.training_attention)."
     )
-    lr: float = 2e-4
+    lr: float = 1e-3
 
 
 class CatalogueConfig(Section):
