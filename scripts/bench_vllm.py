@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,7 @@ def main():
     started = time.perf_counter()
     # On the CPU backend gpu_memory_utilization is the share of host memory reserved for the KV cache.
     llm = LLM(model=model, enable_lora=True, max_lora_rank=rank, max_model_len=1024, gpu_memory_utilization=0.3,
-              max_num_seqs=max(counts), dtype=dtype, seed=0)
+              max_num_seqs=max(counts), dtype=dtype, seed=0, disable_log_stats=False)
     load_seconds = time.perf_counter() - started
     lora = LoRARequest("generator", 1, adapter)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
@@ -81,12 +82,19 @@ def main():
         rows[count] = {"seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
                        **({"ttft_p50_s": round(sorted(firsts)[len(firsts) // 2], 2), "ttft_max_s": round(max(firsts), 2)}
                           if firsts else {})}
-    peak = 0
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            peak = int(line.split()[1]) / 1024
-    print(json.dumps({"rows": rows, "peak_rss_mib": round(peak), "load_seconds": round(load_seconds, 1),
-                      "note": "peak_rss_mib is the driver process; the engine core runs in its own process"}))
+    import psutil
+
+    def peak_mib(pid):
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    # vLLM runs its engine core and worker in processes of their own: their peaks are summed with the
+    # driver's (an upper bound: pages they share are counted in each).
+    pids = [os.getpid(), *(child.pid for child in psutil.Process().children(recursive=True))]
+    print(json.dumps({"rows": rows, "peak_rss_mib": round(sum(peak_mib(pid) for pid in pids)),
+                      "processes": len(pids), "load_seconds": round(load_seconds, 1)}))
 if __name__ == "__main__":  # vLLM starts its engine in a spawned process
     main()
 """
@@ -106,11 +114,11 @@ def _prompts(folder: Path, count: int) -> list[list[int]]:
     return [encode_prompt(tokenizer, q, [h.doc for h in row], run.config.generator).ids for q, row in zip(questions, hits)]
 
 
-def _child(command: list[str]) -> dict:
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
+def _child(command: list[str], env: dict | None = None) -> dict:
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0 or '{"rows"' not in done.stdout:  # vLLM also logs to standard output
         raise SystemExit(f"{command[0]} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith('{"rows"')))
 
 
 def main() -> None:
@@ -137,8 +145,10 @@ def main() -> None:
         native = _child([sys.executable, "-c", _NATIVE, str(args.run), str(prompts_file), str(args.new_tokens), counts])
         script = Path(scratch) / "vllm_bench.py"
         script.write_text(_VLLM)
+        # Offline (it otherwise waits on the hub), and with every core: vLLM's CPU worker defaults to one thread.
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(os.cpu_count())}
         vllm = _child([str(args.vllm_python), str(script), str(run.backbone_path()), str(adapter), str(rank),
-                       str(prompts_file), str(args.new_tokens), counts, args.vllm_dtype])
+                       str(prompts_file), str(args.new_tokens), counts, args.vllm_dtype], env)
     lengths = [len(p) for p in prompts]
     print(json.dumps({"prompts": len(prompts), "prompt_tokens_mean": round(sum(lengths) / len(lengths)),
                       "new_tokens": args.new_tokens, "native": native, "vllm": vllm}, indent=2))
