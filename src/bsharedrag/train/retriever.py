@@ -7,7 +7,6 @@ keeps the full batch as negatives while only one micro-batch holds activations a
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -118,44 +117,30 @@ def contrastive_step(
     Both passes run with the attention kernel of `training_attention`; inference keeps the model's.
     """
     queries, passages, targets, mask = _batch_tensors(batch, settings, rng)  # the whole batch, on every process
-    if distributed.world_size() > 1:
-        return _sharded_step(encoder, queries, passages, targets, mask, settings, weight)
     cached = settings.micro_batch_size is not None and settings.micro_batch_size < len(batch)
-    size = settings.micro_batch_size if cached else _GROUP
+    if cached or distributed.world_size() > 1:
+        return _cached_step(encoder, queries, passages, targets, mask, settings, weight)
     sides = []
     for texts, max_len in ((encoder.query_texts(queries), settings.max_query_len),
                            (encoder.passage_texts(passages), settings.max_passage_len)):
-        sides.append((texts, _length_groups(encoder, texts, max_len, size), max_len))
+        sides.append((texts, _length_groups(encoder, texts, max_len, _GROUP), max_len))
     with encoder.backbone.attention(training_attention(settings, encoder.backbone.device)):
-        with torch.no_grad() if cached else contextlib.nullcontext():
-            q, p = (_encode(encoder, texts, groups, max_len) for texts, groups, max_len in sides)
-        if cached:
-            q.requires_grad_(True)
-            p.requires_grad_(True)
+        q, p = (_encode(encoder, texts, groups, max_len) for texts, groups, max_len in sides)
         loss = info_nce(q, p, targets.to(q.device), settings.temperature, mask.to(q.device))
         (loss * weight).backward()
-        if cached:
-            _backward_cached(encoder, sides, (q.grad, p.grad))
     return loss.item()
 
 
-def _backward_cached(encoder: Encoder, sides, grads) -> None:
-    """Gradient caching's last pass: re-embed each group with gradients and back-propagate its cached gradient."""
-    for (texts, groups, max_len), side_grads in zip(sides, grads, strict=True):
-        for group in groups:
-            reps = encoder.forward(encoder.tokenize([texts[i] for i in group], max_len))
-            (reps * side_grads[torch.tensor(group, device=side_grads.device)]).sum().backward()
+def _cached_step(encoder: Encoder, queries, passages, targets, mask, settings: RetrieverConfig,
+                 weight: float) -> float:
+    """`contrastive_step` with gradient caching, over one process or several.
 
-
-def _sharded_step(encoder: Encoder, queries, passages, targets, mask, settings: RetrieverConfig,
-                  weight: float) -> float:
-    """`contrastive_step` over several processes: gradient caching with every process's embeddings as negatives.
-
-    Each process embeds its contiguous share of the questions and of the passages without
-    gradients; the shares are gathered in rank order (the whole batch's order), every process
-    computes the same loss over all of them, and back-propagates the embedding gradients of its own
-    share. Summed over the processes, the weight gradients are one process's over the whole batch.
-    Returns this process's share of the loss (the loss / the number of processes).
+    Each process embeds its contiguous share of the questions and of the passages (alone: all of
+    them) without gradients; the shares are gathered in rank order (the whole batch's order), every
+    process computes the same loss over all of them, and re-embeds its own share micro-batch by
+    micro-batch to back-propagate the embeddings' gradients. Summed over the processes, the weight
+    gradients are one process's over the whole batch, so each process's embeddings are negatives
+    for every question. Returns this process's share of the loss (the loss / the number of processes).
     """
     size = settings.micro_batch_size or _GROUP
     sides, ranges = [], []
@@ -171,7 +156,11 @@ def _sharded_step(encoder: Encoder, queries, passages, targets, mask, settings: 
         p.requires_grad_(True)
         loss = info_nce(q, p, targets.to(q.device), settings.temperature, mask.to(q.device))
         (loss * weight).backward()
-        _backward_cached(encoder, sides, [full.grad[start:end] for full, (start, end) in zip((q, p), ranges)])
+        for (texts, groups, max_len), full, (start, end) in zip(sides, (q, p), ranges, strict=True):
+            grads = full.grad[start:end]
+            for group in groups:
+                reps = encoder.forward(encoder.tokenize([texts[i] for i in group], max_len))
+                (reps * grads[torch.tensor(group, device=grads.device)]).sum().backward()
     return loss.item() / distributed.world_size()
 
 
