@@ -16,7 +16,18 @@ from ..progress import progress
 from .backbone import RETRIEVER, SharedBackbone
 from .index import Hit
 
-__all__ = ["DenseRetriever", "Encoder", "last_token_pool"]
+__all__ = ["DenseRetriever", "Encoder", "last_token_pool", "right_pad"]
+
+
+def right_pad(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Token id rows as one right-padded batch: `input_ids` and `attention_mask`, (len(rows), longest)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
 def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -39,15 +50,7 @@ class Encoder:
         """Tokenise, truncate to leave room for EOS, append EOS, right-pad."""
         tokenizer = self.backbone.tokenizer
         ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_len - 1)["input_ids"]
-        ids = [row + [tokenizer.eos_token_id] for row in ids]
-        width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, row in enumerate(ids):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-        device = self.backbone.device
-        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        return right_pad([row + [tokenizer.eos_token_id] for row in ids], tokenizer.pad_token_id, self.backbone.device)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.backbone.autocast_context():

@@ -27,7 +27,7 @@ import torch
 from ..config import RerankerConfig
 from ..data import Document
 from .backbone import RERANKER, SharedBackbone
-from .encoder import last_token_pool
+from .encoder import last_token_pool, right_pad
 from .index import Hit
 
 __all__ = ["RerankedRetriever", "Reranker"]
@@ -65,17 +65,10 @@ class Reranker:
 
     def forward(self, rows: list[list[int]]) -> torch.Tensor:
         """(len(rows),) scores of tokenised pairs, right-padded into one batch (gradients flow when enabled)."""
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), self.backbone.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-        device = self.backbone.device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        batch = right_pad(rows, self.backbone.tokenizer.pad_token_id, self.backbone.device)
         with self.backbone.autocast_context():
-            hidden = self.backbone.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last = last_token_pool(hidden, attention_mask).float()  # (batch, dim)
+            hidden = self.backbone.decoder(**batch).last_hidden_state
+        last = last_token_pool(hidden, batch["attention_mask"]).float()  # (batch, dim)
         head = self.backbone.base.get_output_embeddings()
         rows_ = head.weight[self._labels].float()  # (2, dim): the " yes" and " no" rows of the LM head
         logits = last @ rows_.T
@@ -87,9 +80,13 @@ class Reranker:
     def score(self, question: str, passages: Sequence[Document]) -> np.ndarray:
         """(len(passages),) float32 scores of `question` against each passage; higher is more relevant."""
         scores = np.zeros(len(passages), dtype=np.float32)
-        todo = [i for i, doc in enumerate(passages) if self.memo is None or (question, doc.content) not in self.memo]
-        for i in set(range(len(passages))) - set(todo):
-            scores[i] = self.memo[(question, passages[i].content)]
+        known = self.memo if self.memo is not None else {}
+        todo = []
+        for i, doc in enumerate(passages):
+            if (question, doc.content) in known:
+                scores[i] = known[(question, doc.content)]
+            else:
+                todo.append(i)
         rows = {i: self.pair_ids(question, passages[i]) for i in todo}
         order = sorted(todo, key=lambda i: -len(rows[i]))  # length-sorted batches pad little
         with self.backbone.adapter(self.adapter):

@@ -54,7 +54,8 @@ def _group(example: RerankExample, count: int, rng: random.Random) -> list[Docum
     positive = rng.choice(example.positives)
     known = {doc.id for doc in example.positives}
     mined = [doc for doc in example.mined if doc.id not in known]
-    misses = [doc for doc in example.misses if doc.id not in known and doc.id not in {d.id for d in mined}]
+    taken = known | {doc.id for doc in mined}
+    misses = [doc for doc in example.misses if doc.id not in taken]
     take_mined = min(len(mined), max(count // 2, count - len(misses)))
     take_misses = min(len(misses), count - take_mined)
     return [positive, *rng.sample(mined, take_mined), *misses[:take_misses]]
