@@ -231,6 +231,24 @@ def _start_server(run: Path, overrides: list[str]) -> tuple[subprocess.Popen, st
     raise SystemExit("the server did not start within 600 s")
 
 
+def _tree_peak_mib(pid: int) -> int:
+    """Peak resident memory (VmHWM) of the server and every process it started (vLLM's engine and worker),
+    summed: an upper bound, since pages they share count once in each."""
+    import psutil
+
+    def peak(process_id: int) -> float:
+        try:
+            for line in Path(f"/proc/{process_id}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    children = [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    return round(sum(peak(process_id) for process_id in [pid, *children]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="A running server on loopback, e.g. http://127.0.0.1:8000.")
@@ -279,12 +297,15 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     finally:
         if server is not None:
+            rows.append({"endpoint": "server peak memory", "requests": 0, "errors": 0,
+                         "peak_rss_mib": _tree_peak_mib(server.pid)})
             server.terminate()
             server.wait(60)
     print(f"\n{'endpoint':42} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>9} {'p95 ms':>9} {'req/s':>8}")
     for row in rows:
         print(f"{row['endpoint']:42} {row.get('clients', '-'):>7} {row['requests']:>8} {row['errors']:>6} "
-              f"{row.get('p50_ms', '-'):>9} {row.get('p95_ms', '-'):>9} {row.get('throughput_rps', '-'):>8}")
+              f"{row.get('p50_ms', '-'):>9} {row.get('p95_ms', '-'):>9} {row.get('throughput_rps', '-'):>8}"
+              + (f"  peak {row['peak_rss_mib']} MiB" if "peak_rss_mib" in row else ""))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

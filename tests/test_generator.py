@@ -162,12 +162,32 @@ def test_training_lowers_the_loss_and_the_saved_adapter_reloads(tmp_path):
         assert not torch.allclose(bare, reloaded.model(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("micro_batch_size", [1, 2])
-def test_micro_batches_give_the_same_update_as_one_batch(tmp_path, micro_batch_size):
-    def trained(micro):
+@pytest.mark.parametrize("split", [{"micro_batch_size": 1}, {"micro_batch_size": 2}, {"micro_batch_tokens": 200},
+                                   {"micro_batch_tokens": 200, "pad_to_multiple": 64}, {"pad_to_multiple": 7}])
+def test_micro_batches_and_padding_give_the_same_update_as_one_batch(tmp_path, split):
+    def trained(name: str, **settings):
         backbone = tiny_backbone()
-        train_generator(backbone, _triples(), _settings(max_steps=1, micro_batch_size=micro), tmp_path / str(micro))
+        settings = {"pad_to_multiple": 1, **settings}
+        train_generator(backbone, _triples(), _settings(max_steps=1, **settings), tmp_path / name)
         return {n: p.detach().clone() for n, p in backbone.model.named_parameters() if ".generator." in n}
 
-    whole, split = trained(None), trained(micro_batch_size)
-    assert all(torch.allclose(whole[name], split[name], atol=1e-6) for name in whole)
+    whole, parts = trained("whole"), trained("parts", **split)
+    assert all(torch.allclose(whole[name], parts[name], atol=1e-6) for name in whole)
+
+
+def test_token_bounded_micro_batches_put_long_examples_alone_and_short_ones_together():
+    from bsharedrag.train.loop import micro_batches
+
+    lengths = [500, 90, 300, 120, 640, 310, 80, 100]
+    groups = micro_batches(lengths, _settings(batch_size=8, micro_batch_tokens=640), length=lambda n: n)
+    assert sorted(n for group in groups for n in group) == sorted(lengths)
+    assert all(len(group) * max(group) <= 640 or len(group) == 1 for group in groups)
+    assert [500] in groups and [640] in groups and len(groups) < len(lengths)
+    assert micro_batches(lengths, _settings(batch_size=8, micro_batch_size=4)) == [lengths[:4], lengths[4:]]
+
+
+def test_collate_pads_to_a_multiple_and_masks_the_padding():
+    batch = collate([answer_labels([5, 6, 7], [8, 2]), answer_labels([5], [9, 2])], pad_id=0, multiple=4)
+    assert batch["input_ids"].shape == (2, 8) and batch["attention_mask"].tolist() == [[1] * 5 + [0] * 3,
+                                                                                         [1] * 3 + [0] * 5]
+    assert batch["labels"][0, 5:].tolist() == [IGNORE_INDEX] * 3

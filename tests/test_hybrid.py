@@ -29,12 +29,30 @@ def test_the_chosen_weight_follows_the_side_that_finds_the_passages():
     relevant = [{"d3": 1}, {"d4": 1}]
     useless_dense = [_hits(0, 1, 2), _hits(0, 1, 2)]
     good_lexical = [_hits(3, 5), _hits(4, 5)]
-    weight, scores = choose_weight(useless_dense, good_lexical, relevant, k=1)
-    assert weight <= 0.4 and scores[weight] == 1.0 and scores[1.0] == 0.0
-    weight, _ = choose_weight(good_lexical, useless_dense, relevant, k=1)
-    assert weight >= 0.6
-    weight, _ = choose_weight(good_lexical, good_lexical, relevant, k=1)
-    assert weight == 0.5  # both as good: the tie goes to the middle
+    weight, scores = choose_weight(useless_dense, good_lexical, relevant)
+    assert weight == 0.0 and scores[0.0] == {"mrr@10": 1.0, "hit@3": 1.0} and scores[1.0]["hit@3"] == 0.0
+    assert choose_weight(good_lexical, useless_dense, relevant)[0] == 1.0
+    assert choose_weight(good_lexical, good_lexical, relevant)[0] == 1.0  # as good: the dense side alone
+
+
+def _ranked(gold: int, rank: int, reverse: bool = False) -> list[Hit]:
+    """A ranking of DOCS with passage `gold` at 1-based `rank`, the others around it (in reverse order: as
+    another retriever ranks them)."""
+    others = [n for n in range(6) if n != gold][:: -1 if reverse else 1]
+    return _hits(*others[: rank - 1], gold, *others[rank - 1:])
+
+
+def test_a_fusion_is_chosen_only_when_it_beats_the_better_side_beyond_chance():
+    # each side finds half of the passages first and the other half lower down: fused, every one comes first
+    relevant = [{f"d{n % 6}": 1} for n in range(30)]
+    dense = [_ranked(n % 6, 1 if n < 15 else 3) for n in range(30)]
+    lexical = [_ranked(n % 6, 2 if n < 15 else 1, reverse=True) for n in range(30)]
+    weight, scores = choose_weight(dense, lexical, relevant)
+    assert 0 < weight < 1 and scores[weight]["mrr@10"] > max(scores[0.0]["mrr@10"], scores[1.0]["mrr@10"])
+    # a fusion that wins on one question and loses on another is noise: the better side alone
+    relevant, dense, lexical = [{"d0": 1}, {"d1": 1}], [_ranked(0, 2), _ranked(1, 1)], [_ranked(0, 1, True), _ranked(1, 4, True)]
+    weight, scores = choose_weight(dense, lexical, relevant)
+    assert weight in (0.0, 1.0) and scores[weight]["mrr@10"] == max(scores[0.0]["mrr@10"], scores[1.0]["mrr@10"])
 
 
 def test_pseudo_queries_are_spans_of_their_passage_in_either_language():
@@ -152,4 +170,4 @@ def test_the_fitted_weight_leans_on_bm25_when_the_dense_side_is_weak_and_records
     hybrid = fit_hybrid(_AlwaysTheCup(catalogue), LexicalIndex(catalogue), pairs, "hand-made", "rrf")
     assert hybrid.weight <= 0.4
     assert hybrid.chosen["validation"] == "hand-made" and hybrid.chosen["questions"] == 2
-    assert hybrid.chosen["hit@3_by_weight"][hybrid.weight] == 1.0
+    assert hybrid.chosen["scores_by_weight"][hybrid.weight]["hit@3"] == 1.0

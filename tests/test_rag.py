@@ -129,3 +129,25 @@ def test_no_passage_found_says_so_and_generates_nothing(backbone, monkeypatch, q
     monkeypatch.setattr(rag_module, "stream_tokens", must_not_generate)
     answer = RAG(backbone, FakeRetriever([]), GeneratorConfig()).ask(question, product_id="NOPE-1")
     assert fragment in answer.text and answer.citations == [] and answer.passages == []
+
+
+def test_answers_asked_together_are_the_answers_asked_one_by_one(backbone):
+    rag = RAG(backbone, None, GeneratorConfig())
+    hits = FakeRetriever(DOCS).search(["q"], 3)[0]
+    requests = [(f"Does model {n} fit a {'big ' * n}fridge?", hits[: 1 + n % 3]) for n in range(7)]
+    alone = [rag.ask(question, passages=passages, max_new_tokens=6 + n) for n, (question, passages) in
+             enumerate(requests)]
+    ended = []
+    together = rag.ask_many(requests, max_new_tokens=10, together=3, on_answer=lambda: ended.append(1))
+    assert [a.text for a in together] == [rag.ask(q, passages=p, max_new_tokens=10).text for q, p in requests]
+    assert [a.passages for a in together] == [p for _, p in requests] and len(ended) == len(requests)
+    assert alone  # each answer alone decodes too (and leaves no stream open behind)
+    assert not backbone.decode_batches["generator"].running
+
+
+def test_a_failed_answer_among_many_closes_the_others(backbone, monkeypatch):
+    rag = RAG(backbone, None, GeneratorConfig())
+    hits = FakeRetriever(DOCS).search(["q"], 3)[0]
+    with pytest.raises(ValueError, match="non-empty"):
+        rag.ask_many([("Is it red?", hits), ("  ", hits), ("Is it blue?", hits)], max_new_tokens=8, together=3)
+    assert not backbone.decode_batches["generator"].running

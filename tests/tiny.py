@@ -30,8 +30,10 @@ def tiny_tokenizer(chat_template: bool = True):
     return tokenizer
 
 
-def tiny_backbone(seed: int = 0, model_type: str = "llama", chat_template: bool = True) -> SharedBackbone:
-    """A random 2-layer model over the real vocabulary, wrapped as a fp32 CPU SharedBackbone."""
+def tiny_backbone(seed: int = 0, model_type: str = "llama", chat_template: bool = True, hidden_size: int = 32
+                  ) -> SharedBackbone:
+    """A random 2-layer model over the real vocabulary, wrapped as a fp32 CPU SharedBackbone (2 heads of
+    `hidden_size` / 2)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -39,8 +41,8 @@ def tiny_backbone(seed: int = 0, model_type: str = "llama", chat_template: bool 
     config = AutoConfig.for_model(
         model_type,
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,

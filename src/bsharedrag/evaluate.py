@@ -21,6 +21,7 @@ With `eval.faithfulness`, two probes of whether the generator follows its passag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -85,7 +86,8 @@ def _hybrid(run: Run, dataset: Dataset):
     settings = run.config.index
     pairs, source = validation_pairs(dataset.path, dataset.corpus, settings.fusion_validation_queries,
                                      run.config.seed, evaluated_split=dataset.split)
-    return fit_hybrid(run.retriever(dataset.path), BM25Retriever(dataset.corpus), pairs, source, settings.fusion)
+    return fit_hybrid(run.retriever(dataset.path), BM25Retriever(dataset.corpus), pairs, source, settings.fusion,
+                      run.config.seed)
 
 
 def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict, dict, dict]:
@@ -127,27 +129,43 @@ def _answered_queries(run: Run, dataset: Dataset) -> list:
     return queries[: run.config.eval.max_generation_queries]  # a None bound keeps them all
 
 
-def _generation(run: Run, dataset: Dataset, dense_hits: dict, top_k: int) -> tuple[dict, dict]:
-    """system -> per-query scores of its answers, and system -> the answers with their citations."""
+def _answer_all(rag, requests: list[tuple[str, list]], settings, desc: str) -> list:
+    """Every (question, passages) request answered, `eval.decode_together` at a time, with a progress bar."""
+    bar = progress(total=len(requests), desc=desc)
+
+    def answered() -> None:
+        bar.update(1)
+        trim_heap()  # every answer's cache has another length
+
+    answers = rag.ask_many(requests, settings.max_new_tokens, settings.decode_together, on_answer=answered)
+    bar.close()
+    return answers
+
+
+def _rag(run: Run, adapter: str | None, remote):
+    """A RAG over given passages with `adapter` (None: the bare backbone), written by `remote` or the backbone."""
     from .rag import RAG
 
+    if adapter is not None and remote is None:
+        run.adapter(adapter)
+    return RAG(run.backbone(), None, run.config.generator, adapter=adapter, remote=remote)
+
+
+def _generation(run: Run, dataset: Dataset, dense_hits: dict, top_k: int, remote=None) -> tuple[dict, dict]:
+    """system -> per-query scores of its answers, and system -> the answers with their citations."""
     settings = run.config.eval
     queries = _answered_queries(run, dataset)
-    generator = run.adapter(run.generator_adapter)
+    requests = [(query.text, dense_hits[query.id][:top_k] if run.config.generator.with_passages else [])
+                for query in queries]
     results, outputs = {}, {}
     for system in settings.generation_systems:
-        adapter = {"bsharedrag": generator, "zero_shot": None}.get(system, "unknown")
+        adapter = {"bsharedrag": run.generator_adapter, "zero_shot": None}.get(system, "unknown")
         if adapter == "unknown":
             raise ValueError(f"unknown generation system {system!r}; known: bsharedrag, zero_shot")
-        rag = RAG(run.backbone(), None, run.config.generator, adapter=adapter)
-        predictions, citations = {}, {}
-        for query in progress(queries, desc=f"generate ({system})"):
-            passages = dense_hits[query.id][:top_k] if run.config.generator.with_passages else []
-            answer = rag.ask(query.text, passages=passages,
-                             max_new_tokens=settings.max_new_tokens)
-            predictions[query.id] = answer.text
-            citations[query.id] = [c.doc_id for c in answer.citations]
-            trim_heap()  # every answer's cache has another length
+        answers = _answer_all(_rag(run, adapter, remote), requests, settings, f"generate ({system})")
+        answered = dict(zip([query.id for query in queries], answers, strict=True))
+        predictions = {query_id: answer.text for query_id, answer in answered.items()}
+        citations = {query_id: [c.doc_id for c in answer.citations] for query_id, answer in answered.items()}
         references = {q.id: list(q.answers) for q in queries}
         results[system] = generation_scores(
             predictions, references, citations, dataset.qrels,
@@ -172,29 +190,30 @@ def _reference_polarity(answers: tuple[str, ...]) -> str | None:
     return next((side for side in ("yes", "no") if votes.count(side) > len(votes) / 2), None)
 
 
-def faithfulness(run: Run, dataset: Dataset, dense_hits: dict, top_k: int) -> tuple[dict, dict]:
+def faithfulness(run: Run, dataset: Dataset, dense_hits: dict, top_k: int, remote=None) -> tuple[dict, dict]:
     """The two probes of the module docstring for the run's generator: (rates, the answers they read)."""
     from .model.index import Hit
-    from .rag import RAG
 
     settings = run.config.eval
     queries = _answered_queries(run, dataset)
-    rag = RAG(run.backbone(), None, run.config.generator, adapter=run.adapter(run.generator_adapter))
-    withheld, polar = {}, {}
-    for query in progress(queries, desc="faithfulness probes"):
+    withheld_requests, polar_requests = {}, {}
+    for query in queries:
         relevant = dataset.qrels.get(query.id, {})
         unsupported = [hit for hit in dense_hits[query.id]
                        if dataset.answers_nothing(query, hit.doc, settings.judged_per_product)][:top_k]
         if unsupported:
-            withheld[query.id] = rag.ask(query.text, passages=unsupported, max_new_tokens=settings.max_new_tokens).text
-        expected = _reference_polarity(query.answers)
-        if expected is not None:
+            withheld_requests[query.id] = (query.text, unsupported)
+        if _reference_polarity(query.answers) is not None:
             passages = list(dense_hits[query.id][:top_k])
             if relevant and not any(hit.doc.id in relevant for hit in passages):
                 passages[-1:] = [Hit(dataset.best_judged(query.id), 0.0)]
-            text = rag.ask(query.text, passages=passages, max_new_tokens=settings.max_new_tokens).text
-            polar[query.id] = {"expected": expected, "answer": text}
-        trim_heap()
+            polar_requests[query.id] = (query.text, passages)
+    rag = _rag(run, run.generator_adapter, remote)
+    answers = iter(_answer_all(rag, [*withheld_requests.values(), *polar_requests.values()], settings,
+                               "faithfulness probes"))
+    withheld = {query_id: next(answers).text for query_id in withheld_requests}
+    polar = {query.id: {"expected": _reference_polarity(query.answers), "answer": next(answers).text}
+             for query in queries if query.id in polar_requests}
     given = [polarity(item["answer"]) for item in polar.values()]
     expected = [item["expected"] for item in polar.values()]
 
@@ -242,12 +261,16 @@ def evaluate(run: Run, data: Path, split: str, output: Path, top_k: int | None =
     has_answers = any(q.answers for q in dataset.queries)
     generator_ready = run.is_built("generator")
     top_k = top_k or run.config.generator.top_k
-    if settings.generation and has_answers and generator_ready:
-        scores["generation"], results["answers"] = _generation(run, dataset, dense_hits, top_k)
-        results["generation_top_k"] = top_k
-        results["generation_queries"] = len(next(iter(results["answers"].values()), {}))
-    if settings.faithfulness and has_answers and generator_ready:
-        results["faithfulness"], results["faithfulness_answers"] = faithfulness(run, dataset, dense_hits, top_k)
+    answering = (settings.generation or settings.faithfulness) and has_answers and generator_ready
+    with run.vllm() if answering and settings.engine == "vllm" else contextlib.nullcontext() as remote:
+        if settings.generation and has_answers and generator_ready:
+            scores["generation"], results["answers"] = _generation(run, dataset, dense_hits, top_k, remote)
+            results["generation_top_k"] = top_k
+            results["generation_queries"] = len(next(iter(results["answers"].values()), {}))
+            results["generation_engine"] = settings.engine
+        if settings.faithfulness and has_answers and generator_ready:
+            results["faithfulness"], results["faithfulness_answers"] = faithfulness(run, dataset, dense_hits, top_k,
+                                                                                    remote)
     if (settings.generation or settings.faithfulness) and not (has_answers and generator_ready):
         log.warning("answers not evaluated: %s", "no reference answers" if not has_answers else "no generator")
     for section, systems_scores in scores.items():  # means, 95% bootstrap intervals, and the per-query scores

@@ -37,7 +37,8 @@ __all__ = ["STAGES", "Stage", "refuse_unbuilt_settings", "run_stages", "stage_na
 
 log = logging.getLogger(__name__)
 
-_NOT_SETTINGS = {"checkpoint_every", "log_every"}  # they change how a stage runs, not what it makes
+# How a stage runs, not what it makes: they leave the fingerprint (and the built artefacts) as they are.
+_NOT_SETTINGS = {"checkpoint_every", "log_every", "decode_together", "micro_batch_tokens", "pad_to_multiple"}
 
 
 def _settings(section, exclude: set[str] = frozenset()) -> dict:
@@ -52,7 +53,7 @@ class Stage:
     inputs: Callable[[Run], tuple[dict, dict]]  # run -> (settings, inputs): what the artefact's fingerprint hashes
     build: Callable[[Run, Path], tuple[dict, dict]]  # (run, folder) -> (statistics, extra manifest fields)
     command: str | None = None
-    trains: bool = False  # over several processes every process builds it (each its share); else the main one
+    shared: bool = False  # over several processes every process builds it (each its share); else the main one
 
 
 # --- pretrain ---------------------------------------------------------------------------
@@ -200,11 +201,12 @@ def _index(run: Run, folder: Path) -> tuple[dict, dict]:
     corpus = Path(settings.corpus) / "corpus.jsonl"
     docs = read_corpus(corpus, run.config.strict_data)
     manifest = run.index_manifest(file_hash(corpus))
-    stats = build_index(run.encoder(), docs, folder, manifest, settings.batch_tokens)
-    if settings.first_stage == "hybrid":  # the fusion weight the served first stage uses, chosen once here
+    stats = build_index(run.encoder(), docs, folder, manifest, settings.batch_tokens)  # each process its share
+    if settings.first_stage == "hybrid" and distributed.is_main():  # the fusion weight the served first stage uses
         index = VectorIndex.open(folder)
         pairs, source = validation_pairs(settings.corpus, docs, settings.fusion_validation_queries, run.config.seed)
-        hybrid = fit_hybrid(DenseRetriever(run.encoder(), index), LexicalIndex(index), pairs, source, settings.fusion)
+        hybrid = fit_hybrid(DenseRetriever(run.encoder(), index), LexicalIndex(index), pairs, source, settings.fusion,
+                            run.config.seed)
         index.manifest["fusion"] = stats["fusion"] = hybrid.chosen
         index.save()
     return stats, {}
@@ -291,18 +293,18 @@ def _eval(run: Run, folder: Path) -> tuple[dict, dict]:
 
 STAGES: tuple[Stage, ...] = (
     Stage("pretrain", "Stage 1: continual pre-training of the backbone on the domain corpus.",
-          _pretrain_inputs, _pretrain, trains=True),
+          _pretrain_inputs, _pretrain, shared=True),
     Stage("synth", "Write synthetic questions and answers from the catalogue (when synth.enabled).",
           _synth_inputs, _synth),
     Stage("mine", "Stage 2: mine hard negatives for the retriever's training queries.", _mine_inputs, _mine),
     Stage("retriever", "Stage 3: train the retriever adapter (InfoNCE with in-batch and hard negatives).",
-          _retriever_inputs, _retriever, command="train-retriever", trains=True),
+          _retriever_inputs, _retriever, command="train-retriever", shared=True),
     Stage("index", "Embed the catalogue (index.corpus) with the retriever into the run's vector index.",
-          _index_inputs, _index),
+          _index_inputs, _index, shared=True),
     Stage("reranker", "Train the reranker adapter (listwise softmax over mined negatives and retriever misses), "
-          "when reranker.enabled.", _reranker_inputs, _reranker, command="train-reranker", trains=True),
+          "when reranker.enabled.", _reranker_inputs, _reranker, command="train-reranker", shared=True),
     Stage("generator", "Stage 4: train the generator adapter on retrieved passages (loss on answer tokens only).",
-          _generator_inputs, _generator, command="train-generator", trains=True),
+          _generator_inputs, _generator, command="train-generator", shared=True),
     Stage("eval", "Evaluate the run and the baselines on eval.data (retrieval and answers).", _eval_inputs, _eval),
 )
 
@@ -318,7 +320,7 @@ def run_stages(run: Run | Config, stages: tuple[str, ...] | None = None, rebuild
     The stages named in `rebuild` are built again even when up to date (what was built from them is
     then stale and rebuilt too); each keeps its previous artefact until the new one is complete.
     Launched over several processes (`accelerate launch`, `torchrun`), every process trains its share
-    of the training stages (`Stage.trains`), the main one alone builds the others, and the main one
+    of the shared stages (`Stage.shared`: training and indexing), the main one alone builds the others, and the main one
     writes every artefact.
     """
     run = run if isinstance(run, Run) else Run(run)
@@ -346,7 +348,7 @@ def _run_stage(run: Run, stage: Stage, force: bool) -> dict:
     log.info("%s: building %s", stage.name, artefact.folder)
     started = time.time()
     measured = reset_peak_rss()
-    with distributed.lockstep() if stage.trains else contextlib.nullcontext():
+    with distributed.lockstep() if stage.shared else contextlib.nullcontext():
         stats, extra = stage.build(run, artefact.start())
     stats["stage_seconds"] = round(time.time() - started, 1)
     if measured:
@@ -360,7 +362,7 @@ def _run_stage(run: Run, stage: Stage, force: bool) -> dict:
 def _follow(run: Run, stage: Stage, artefact: Artefact) -> dict:
     """A process other than the main one: it takes its share of a training stage, in a folder of its own
     that is discarded (the main process writes the artefact), and waits for the main process."""
-    if stage.trains:
+    if stage.shared:
         scratch = run.process_artefact(stage.name, artefact.settings, artefact.inputs, distributed.rank())
         with distributed.lockstep():
             stage.build(run, scratch.start())

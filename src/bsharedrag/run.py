@@ -20,11 +20,13 @@ path inside a run folder; `pipeline` builds the stages, everything else reads th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from .model.hybrid import HybridRetriever
     from .model.index import VectorIndex
     from .model.reranker import RerankedRetriever, Reranker
+    from .model.vllm import VllmClient
 
 __all__ = ["Artefact", "Run", "dataset_id"]
 
@@ -280,6 +283,23 @@ class Run:
         """The adapter that writes answers: the retriever's own one in the fully shared architecture."""
         return RETRIEVER if self.config.architecture == "fully_shared" else GENERATOR
 
+    @contextlib.contextmanager
+    def vllm(self) -> Iterator[VllmClient]:
+        """A client of the vLLM server that writes this run's answers: `vllm.url`, or one started here
+        over the run's backbone with its generator adapter, and stopped when the block ends."""
+        from .model.generate import stop_token_ids
+        from .model.vllm import VllmClient, VllmServer
+
+        settings, backbone = self.config.vllm, self.backbone()
+        stops = stop_token_ids(backbone.tokenizer, backbone.base)
+        if settings.url:
+            yield VllmClient(settings.url, stops, settings.request_timeout_s)
+            return
+        adapter = self.generator_adapter
+        adapters = {adapter: self.stage_folder(adapter)} if self.is_built(adapter) else {}
+        with VllmServer(self.backbone_path(), adapters, settings) as server:
+            yield VllmClient(server.url, stops, settings.request_timeout_s)
+
     def encoder(self):
         """What embeds questions and passages for this run's indexes (see `DenseRetriever`)."""
         if self.config.architecture == "separate":
@@ -313,13 +333,13 @@ class Run:
         if self.manifest("index")["inputs"]["corpus"] == digest:
             return VectorIndex.open(self.index_folder, expect=ids)
         side = self.stage_folder("retriever") / "side-indexes" / digest
-        distributed.sync()  # in a training stage over several processes, the main one alone builds it
+        distributed.sync()  # in a training stage over several processes: all of them see the same folder
         try:
             return VectorIndex.open(side, expect=ids)
         except (FileNotFoundError, RuntimeError):
-            if distributed.is_main():
-                docs = read_corpus(corpus_file, self.config.strict_data)
-                build_index(self.encoder(), docs, side, self.index_manifest(digest), self.config.index.batch_tokens)
+            docs = read_corpus(corpus_file, self.config.strict_data)
+            # every process of a training stage embeds its share; the main one writes the index
+            build_index(self.encoder(), docs, side, self.index_manifest(digest), self.config.index.batch_tokens)
             distributed.sync()
             return VectorIndex.open(side, expect=ids)
 

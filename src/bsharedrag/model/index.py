@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import distributed
 from ..data import Document
 from ..files import replacing, write_text_atomic
 
@@ -254,11 +255,18 @@ class VectorIndex:
 
 
 def build_index(encoder, docs: list[Document], folder: Path, manifest: dict, batch_tokens: int = 4096) -> dict:
-    """Embed `docs` with `encoder` (anything with `embed_passages`) into a new index at `folder`; returns timings."""
+    """Embed `docs` with `encoder` (anything with `embed_passages`) into a new index at `folder`; returns timings.
+
+    Over several processes in lockstep (`distributed.lockstep`), each embeds its contiguous share of
+    `docs` and the main process writes the index from all of them.
+    """
     started = time.time()
-    vectors = encoder.embed_passages(docs, batch_tokens, desc=f"index {len(docs)} passages")
+    start, end = distributed.lockstep_share(len(docs))
+    vectors = encoder.embed_passages(docs[start:end], batch_tokens, desc=f"index {end - start} passages")
+    vectors = distributed.gather_array(vectors)  # (len(docs), dim) in document order
     seconds = time.time() - started
-    VectorIndex.create(folder, docs, vectors, manifest)
+    if distributed.is_main():
+        VectorIndex.create(folder, docs, vectors, manifest)
     return {"documents": len(docs), "embed_seconds": round(seconds, 1),
             "passages_per_second": round(len(docs) / max(seconds, 1e-9), 1)}
 

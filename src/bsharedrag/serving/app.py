@@ -84,7 +84,11 @@ def create_app(rag: RAG, config: Config) -> FastAPI:
 
 
 def serve(run: Run | Config, host: str | None = None, port: int | None = None) -> None:
-    """Load a finished run (a `Run`, or the config of one) and serve it until interrupted."""
+    """Load a finished run (a `Run`, or the config of one) and serve it until interrupted.
+
+    With `serve.engine` vllm, answers come from a vLLM server (`vllm.url`, or one started here for the
+    run and stopped with it); searches and embeddings stay on the run's backbone.
+    """
     import uvicorn
 
     from ..rag import load_rag
@@ -93,8 +97,9 @@ def serve(run: Run | Config, host: str | None = None, port: int | None = None) -
     run = run if isinstance(run, Run) else Run(run)
     with serving_lock(run.index_folder):
         pass  # fail fast, before the model loads, if another process serves or updates this index
-    app = create_app(load_rag(run), run.config)
-    uvicorn.run(app, host=host or run.config.serve.host, port=port or run.config.serve.port, log_level="info")
+    with run.vllm() if run.config.serve.engine == "vllm" else contextlib.nullcontext() as remote:
+        app = create_app(load_rag(run, remote=remote), run.config)
+        uvicorn.run(app, host=host or run.config.serve.host, port=port or run.config.serve.port, log_level="info")
 
 
 def _printable(value) -> str | int:

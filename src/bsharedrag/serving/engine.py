@@ -21,7 +21,7 @@ from ..model.generate import kv_cache_bytes
 from ..model.prompt import encode_prompt
 from ..rag import RAG, Answer
 from .catalogue import upsert_steps
-from .scheduler import Scheduler
+from .scheduler import QueueFull, Scheduler
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -46,11 +46,13 @@ class Engine:
         self.scheduler = scheduler
         self.metrics = metrics
         self._closed_book = RAG(
-            rag.backbone, rag.retriever, rag.settings.model_copy(update={"with_passages": False}), rag.adapter
+            rag.backbone, rag.retriever, rag.settings.model_copy(update={"with_passages": False}), rag.adapter,
+            remote=rag.remote,
         )
+        self._remote_answers = 0  # answers being written by the remote engine (rag.remote)
         self._dirty = False  # the index changed since the last FAISS snapshot
         largest = self.kv_reserve(config.serve.max_new_tokens)
-        if scheduler.memory_budget is not None and largest > scheduler.memory_budget:
+        if rag.remote is None and scheduler.memory_budget is not None and largest > scheduler.memory_budget:
             raise ValueError(
                 f"one answer of serve.max_new_tokens={config.serve.max_new_tokens} tokens may need "
                 f"{largest / 2**20:.1f} MiB of KV cache, more than serve.kv_cache_mib={config.serve.kv_cache_mib}; "
@@ -112,8 +114,16 @@ class Engine:
         self, question: str, top_k: int | None, product_id: str | None, max_new_tokens: int, endpoint: str,
         retrieval: bool = True, **sampling,
     ) -> AsyncIterator[str | Answer]:
-        """Text chunks as they are generated, then the `Answer`; the generation interleaves with other jobs."""
+        """`Retrieved`, text chunks as they are generated, then the `Answer`; the generation interleaves with other jobs."""
         rag = self.rag if retrieval else self._closed_book
+        if rag.remote is not None:
+            async with aclosing(self._answer_remotely(rag, question, top_k, product_id, max_new_tokens, sampling)
+                                ) as parts:
+                async for part in parts:
+                    if isinstance(part, Answer):
+                        self.metrics.tokens.labels(endpoint).inc(self.count_tokens(part.text))
+                    yield part
+            return
 
         def start() -> Iterator[str | Answer]:
             return rag.stream(question, top_k, product_id, max_new_tokens, **sampling)
@@ -123,6 +133,24 @@ class Engine:
                 if isinstance(part, Answer):
                     self.metrics.tokens.labels(endpoint).inc(self.count_tokens(part.text))
                 yield part
+
+    async def _answer_remotely(self, rag: RAG, question: str, top_k: int | None, product_id: str | None,
+                               max_new_tokens: int, sampling: dict) -> AsyncIterator[str | Answer]:
+        """An answer written by the remote engine: the search goes through the scheduler like any other
+        (batched with them), the answer streams from vLLM without holding the model's worker."""
+        if self._remote_answers >= self.config.serve.queue_size:
+            raise QueueFull(f"{self._remote_answers} answers are already being written "
+                            f"(serve.queue_size={self.config.serve.queue_size})")
+        self._remote_answers += 1
+        try:
+            hits = []
+            if rag.settings.with_passages:
+                hits = await self.search(question, top_k or rag.settings.top_k, product_id)
+            async with aclosing(rag.astream(question, hits, max_new_tokens, **sampling)) as parts:
+                async for part in parts:
+                    yield part
+        finally:
+            self._remote_answers -= 1
 
     def kv_reserve(self, max_new_tokens: int) -> int:
         """Bytes of KV cache an answer of at most `max_new_tokens` can grow to (its prompt at the prompt budget)."""

@@ -59,9 +59,19 @@ def step_batches(examples: Sequence, settings: TrainSettings, seed: int) -> list
     return batches[:total]
 
 
-def micro_batches(batch: list, settings: TrainSettings) -> list[list]:
-    size = settings.micro_batch_size or len(batch)
-    return [batch[i : i + size] for i in range(0, len(batch), size)]
+def micro_batches(batch: list, settings: TrainSettings, length: Callable[[object], int] | None = None) -> list[list]:
+    """The forward passes of one step batch: `micro_batch_size` examples each or, with `micro_batch_tokens`
+    and the examples' `length`, length-sorted groups of at most that many padded tokens."""
+    if settings.micro_batch_tokens is None or length is None:
+        size = settings.micro_batch_size or len(batch)
+        return [batch[i : i + size] for i in range(0, len(batch), size)]
+    groups: list[list] = []
+    for example in sorted(batch, key=length, reverse=True):  # each group's first example is its longest
+        if groups and (len(groups[-1]) + 1) * length(groups[-1][0]) <= settings.micro_batch_tokens:
+            groups[-1].append(example)
+        else:
+            groups.append([example])
+    return groups
 
 
 def lr_at(step: int, total: int, settings: TrainSettings) -> float:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from fastapi import HTTPException, status
 
 from ...config import ServeConfig
+from ...model.vllm import VllmError
 from ..engine import DocumentNotFound
 from ..scheduler import QueueFull
 from ..schemas import ErrorResponse
@@ -71,9 +72,14 @@ def check_batch(count: int, serve: ServeConfig, what: str) -> None:
 
 @contextmanager
 def engine_errors() -> Iterator[None]:
-    """Map the engine's exceptions: bad input 422, unknown document 404, saturated model 503."""
+    """Map the engine's exceptions: bad input 422, unknown document 404, saturated or failed model 503."""
     try:
         yield
+    except VllmError as error:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, f"the answer engine failed ({error}); retry shortly",
+            headers={"Retry-After": "5"},
+        ) from error
     except QueueFull as error:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, f"the model is busy ({error}); retry shortly",
