@@ -71,6 +71,7 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
     run_stages(run)
     results = json.loads((run.stage_folder("eval") / "results.json").read_text())
     assert set(results["retrieval"]) == {"bsharedrag", "bm25"}
+    assert results["generation_passages"] == "hybrid"  # what `ask` serves (index.first_stage), scored or not
     assert 0.0 <= results["retrieval"]["bm25"]["hit@3"] <= 1.0
     assert set(results["generation"]) == {"bsharedrag", "zero_shot"}
     assert {"bleu3", "rougeL", "bertscore", "citation_precision"} <= set(results["generation"]["bsharedrag"])

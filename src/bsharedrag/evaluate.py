@@ -6,7 +6,8 @@ Retrieval systems: `bsharedrag` (the retriever adapter over an index of the data
 reranks, `bsharedrag+rerank` and `hybrid+rerank` (their top `reranker.depth` reordered by the
 reranker adapter); each with its mean search time per query. Generation systems, on the queries that have reference
 answers: `bsharedrag` (generator adapter) and `zero_shot` (the same backbone with no adapter),
-both given the same retrieved passages and the same prompt.
+both given the same passages, those of the served first stage (`served_system`: what `ask` and the
+server retrieve with), and the same prompt.
 
 With `eval.faithfulness`, two probes of whether the generator follows its passages (`faithfulness`):
 * withheld: the retrieved passages known not to answer (`Dataset.answers_nothing`: not judged relevant
@@ -90,10 +91,17 @@ def _hybrid(run: Run, dataset: Dataset):
                       run.config.seed)
 
 
+def served_system(run: Run) -> str:
+    """The retrieval system that `search`, `ask` and the server use for this run: answers are evaluated
+    on its passages, as users get them."""
+    first = "hybrid" if run.config.index.first_stage == "hybrid" else "bsharedrag"
+    return first + _RERANKED if run.reranks else first
+
+
 def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict, dict, dict]:
-    """system -> {query id -> ranked doc ids}; the BSharedRAG hits (for generation); and facts for the
-    results: each system's seconds (building it included), its search time per query, fusion weights."""
-    runs, dense_hits = {}, {}
+    """system -> {query id -> ranked doc ids}; system -> {query id -> its hits}; and facts for the results:
+    each system's seconds (building it included), its search time per query, fusion weights."""
+    runs, found = {}, {}
     facts: dict = {"timings_seconds": {}, "search_ms_per_query": {}}
     reranker = run.reranker(memo={}) if any(s.endswith(_RERANKED) for s in systems) else None
     questions = [q.text for q in dataset.queries]
@@ -110,8 +118,7 @@ def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict
         bar.close()
         hits = dict(zip([q.id for q in dataset.queries], rows, strict=True))
         runs[system] = {qid: [hit.doc.id for hit in row] for qid, row in hits.items()}
-        if system == "bsharedrag":
-            dense_hits = hits
+        found[system] = hits
         facts["timings_seconds"][system] = round(time.time() - started, 1)
         facts["search_ms_per_query"][system] = round(1000 * searching / len(questions), 1)
         if system == "hybrid":
@@ -120,7 +127,7 @@ def retrieval_runs(run: Run, dataset: Dataset, systems: list[str]) -> tuple[dict
         free_memory()  # a baseline's model and index go before the next system's
     if reranker is not None and len(reranker.memo):  # a pair scored for one system is not scored again for another
         facts["reranked_pairs"] = len(reranker.memo)
-    return runs, dense_hits, facts
+    return runs, found, facts
 
 
 def _answered_queries(run: Run, dataset: Dataset) -> list:
@@ -151,11 +158,11 @@ def _rag(run: Run, adapter: str | None, remote):
     return RAG(run.backbone(), None, run.config.generator, adapter=adapter, remote=remote)
 
 
-def _generation(run: Run, dataset: Dataset, dense_hits: dict, top_k: int, remote=None) -> tuple[dict, dict]:
+def _generation(run: Run, dataset: Dataset, served_hits: dict, top_k: int, remote=None) -> tuple[dict, dict]:
     """system -> per-query scores of its answers, and system -> the answers with their citations."""
     settings = run.config.eval
     queries = _answered_queries(run, dataset)
-    requests = [(query.text, dense_hits[query.id][:top_k] if run.config.generator.with_passages else [])
+    requests = [(query.text, served_hits[query.id][:top_k] if run.config.generator.with_passages else [])
                 for query in queries]
     results, outputs = {}, {}
     for system in settings.generation_systems:
@@ -190,7 +197,7 @@ def _reference_polarity(answers: tuple[str, ...]) -> str | None:
     return next((side for side in ("yes", "no") if votes.count(side) > len(votes) / 2), None)
 
 
-def faithfulness(run: Run, dataset: Dataset, dense_hits: dict, top_k: int, remote=None) -> tuple[dict, dict]:
+def faithfulness(run: Run, dataset: Dataset, served_hits: dict, top_k: int, remote=None) -> tuple[dict, dict]:
     """The two probes of the module docstring for the run's generator: (rates, the answers they read)."""
     from .model.index import Hit
 
@@ -199,12 +206,12 @@ def faithfulness(run: Run, dataset: Dataset, dense_hits: dict, top_k: int, remot
     withheld_requests, polar_requests = {}, {}
     for query in queries:
         relevant = dataset.qrels.get(query.id, {})
-        unsupported = [hit for hit in dense_hits[query.id]
+        unsupported = [hit for hit in served_hits[query.id]
                        if dataset.answers_nothing(query, hit.doc, settings.judged_per_product)][:top_k]
         if unsupported:
             withheld_requests[query.id] = (query.text, unsupported)
         if _reference_polarity(query.answers) is not None:
-            passages = list(dense_hits[query.id][:top_k])
+            passages = list(served_hits[query.id][:top_k])
             if relevant and not any(hit.doc.id in relevant for hit in passages):
                 passages[-1:] = [Hit(dataset.best_judged(query.id), 0.0)]
             polar_requests[query.id] = (query.text, passages)
@@ -246,9 +253,11 @@ def evaluate(run: Run, data: Path, split: str, output: Path, top_k: int | None =
         raise ValueError(f"{data} split {split!r} has no judged query to evaluate")
     scored = retrieval_systems(run)
     systems = list(scored)
-    if (settings.generation or settings.faithfulness) and "bsharedrag" not in systems:
-        systems.append("bsharedrag")  # answers read the passages the BSharedRAG retriever found
-    runs, dense_hits, facts = retrieval_runs(run, dataset, systems)
+    served = served_system(run)
+    if (settings.generation or settings.faithfulness) and served not in systems:
+        systems.append(served)  # answers read the passages that the served first stage finds
+    runs, found, facts = retrieval_runs(run, dataset, systems)
+    served_hits = found.get(served, {})
     scores = {"retrieval": {s: per_query_metrics(dataset.qrels, runs[s], RETRIEVAL_METRICS) for s in scored}}
     results = {
         "data": str(data),
@@ -264,12 +273,13 @@ def evaluate(run: Run, data: Path, split: str, output: Path, top_k: int | None =
     answering = (settings.generation or settings.faithfulness) and has_answers and generator_ready
     with run.vllm() if answering and settings.engine == "vllm" else contextlib.nullcontext() as remote:
         if settings.generation and has_answers and generator_ready:
-            scores["generation"], results["answers"] = _generation(run, dataset, dense_hits, top_k, remote)
+            scores["generation"], results["answers"] = _generation(run, dataset, served_hits, top_k, remote)
             results["generation_top_k"] = top_k
+            results["generation_passages"] = served
             results["generation_queries"] = len(next(iter(results["answers"].values()), {}))
             results["generation_engine"] = settings.engine
         if settings.faithfulness and has_answers and generator_ready:
-            results["faithfulness"], results["faithfulness_answers"] = faithfulness(run, dataset, dense_hits, top_k,
+            results["faithfulness"], results["faithfulness_answers"] = faithfulness(run, dataset, served_hits, top_k,
                                                                                     remote)
     if (settings.generation or settings.faithfulness) and not (has_answers and generator_ready):
         log.warning("answers not evaluated: %s", "no reference answers" if not has_answers else "no generator")
