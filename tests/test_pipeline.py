@@ -68,7 +68,11 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
 
     from bsharedrag.cli import app
 
-    run_stages(run)
+    built = run_stages(run)
+    # pre-training ended each passage with the token the retriever pools on, and the run embeds with it
+    assert built["pretrain"]["stats"]["document_end"] == built["retriever"]["end_token"] == "<|endoftext|>"
+    tokenizer = run.backbone().tokenizer
+    assert run.encoder().end_id == tokenizer.convert_tokens_to_ids("<|endoftext|>") != tokenizer.eos_token_id
     results = json.loads((run.stage_folder("eval") / "results.json").read_text())
     assert set(results["retrieval"]) == {"bsharedrag", "bm25"}
     assert results["generation_passages"] == "hybrid"  # what `ask` serves (index.first_stage), scored or not
@@ -97,6 +101,11 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
     upgraded = runner.invoke(app, ["search", "kettle?", "--run", folder, "--set", "serve.port=9999"])
     assert upgraded.exit_code == 0, upgraded.output  # a stage older code built refuses no unrelated setting
     manifest_file.write_text(saved)
+    retriever_file = run.stage_folder("retriever") / "manifest.json"
+    saved = retriever_file.read_text()
+    retriever_file.write_text(json.dumps({key: value for key, value in json.loads(saved).items() if key != "end_token"}))
+    assert Run.open(run.folder).encoder().end_id == tokenizer.eos_token_id  # trained before the token was recorded
+    retriever_file.write_text(saved)
     asked = runner.invoke(app, ["ask", "does the kettle have a steel lid?", "--run", folder, "--max-new-tokens", "4"])
     assert asked.exit_code == 0, asked.output
     assert "[1]" in asked.output and "(* cited in the answer)" in asked.stdout  # the passages list

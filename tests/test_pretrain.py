@@ -3,8 +3,8 @@
 import pytest
 from tiny import tiny_tokenizer
 
-from bsharedrag.model.prompt import turn_end_id
-from bsharedrag.train.pretrain import document_end_id, pack
+from bsharedrag.model.prompt import document_end_id, turn_end_id
+from bsharedrag.train.pretrain import pack
 
 
 def test_an_instruct_tokenizer_ends_documents_with_end_of_text_not_its_end_of_turn():

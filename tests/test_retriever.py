@@ -35,12 +35,15 @@ def test_embeddings_equal_under_left_and_right_padding():
     assert torch.allclose(right.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
-def test_tokenize_appends_eos_after_truncation():
+def test_tokenize_appends_the_document_end_after_truncation():
     backbone = tiny_backbone()
     encoder = Encoder(backbone, RetrieverConfig(), adapter=None)
     batch = encoder.tokenize(["passage: " + "word " * 100], 16)
     assert batch["input_ids"].shape[1] == 16
-    assert batch["input_ids"][0, -1].item() == backbone.tokenizer.eos_token_id
+    end = batch["input_ids"][0, -1].item()
+    assert backbone.tokenizer.convert_ids_to_tokens(end) == "<|endoftext|>"  # not EOS: SmolLM2's end of turn
+    eos = Encoder(backbone, RetrieverConfig(), adapter=None, end_id=backbone.tokenizer.eos_token_id)
+    assert eos.tokenize(["passage: a kettle"], 16)["input_ids"][0, -1].item() == backbone.tokenizer.eos_token_id
 
 
 def test_info_nce_equals_hand_computed_value():

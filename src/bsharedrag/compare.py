@@ -51,6 +51,7 @@ class System:
     overrides: dict = field(default_factory=dict)  # config fields that differ from the base config
     top_k: int | None = None  # passages per prompt at evaluation (None: the generator's top_k)
     weight: float | None = None  # λ of a fully shared system
+    retrieval: str = "bsharedrag"  # the evaluated retrieval system recorded as this system's retrieval row
 
     @property
     def measures_efficiency(self) -> bool:
@@ -88,6 +89,9 @@ def systems(settings: CompareConfig) -> list[System]:
                                     "BM25-mined hard negatives", {"mine": {"random_negatives": True}})],
         "no_passages": [System("no_passages", "ablation", "BSharedRAG with a generator trained and asked "
                                "without passages (question to answer)", {"generator": {"with_passages": False}})],
+        "rerank": [System("rerank", "system", "BSharedRAG with a third adapter on the backbone, a reranker of the "
+                          "first stage's top reranker.depth", {"reranker": {"enabled": True}},
+                          retrieval="bsharedrag+rerank")],
     }
     chosen = []
     for name in settings.systems:
@@ -240,7 +244,7 @@ def compare(config: Config, command: str = "bsharedrag compare") -> dict:
             evaluated = _evaluation(run, system, name, data, split, max_queries, with_baselines)
             results["datasets"][name] = {"data": str(data), "split": split, "queries": evaluated["queries"],
                                          "generation_queries": evaluated.get("generation_queries")}
-            _record(entry, name, evaluated, "bsharedrag")
+            _record(entry, name, evaluated, system.retrieval, as_system="bsharedrag")
             if with_baselines:
                 for baseline, description in _BASELINES.items():
                     slot = results["systems"].setdefault(baseline, {"group": "baseline", "description": description,
@@ -255,12 +259,13 @@ def compare(config: Config, command: str = "bsharedrag compare") -> dict:
     return _write(root.compare_results, results, recorded)
 
 
-def _record(entry: dict, dataset: str, evaluated: dict, system: str) -> None:
-    """Copy `system`'s means, 95% intervals and per-query scores on `dataset` from one evaluation into `entry`."""
-    sections = [section for section in ("retrieval", "generation") if system in evaluated.get(section, {})]
+def _record(entry: dict, dataset: str, evaluated: dict, system: str, as_system: str | None = None) -> None:
+    """Copy `system`'s means, 95% intervals and per-query scores on `dataset` from one evaluation into `entry`:
+    its retrieval row, and the answers of `as_system` (default: `system`), the name they are evaluated under."""
+    names = {"retrieval": system, "generation": as_system or system}
     for key, source in (("eval", evaluated), ("intervals", evaluated.get("intervals", {})),
                         ("per_query", evaluated.get("per_query", {}))):
-        found = {section: source[section][system] for section in sections if system in source.get(section, {})}
+        found = {section: source[section][name] for section, name in names.items() if name in source.get(section, {})}
         if found:
             entry.setdefault(key, {})[dataset] = found
 

@@ -143,8 +143,10 @@ def _scorer(run: Run, dataset):
         return BM25Retriever(dataset.corpus).scores
     from .model.encoder import Encoder
 
-    adapter = run.adapter(RETRIEVER) if run.is_built(RETRIEVER) else None
-    encoder = Encoder(run.backbone(), config.retriever, adapter)
+    if run.is_built(RETRIEVER):
+        encoder = run.encoder()
+    else:  # the domain backbone alone, embedding as its retriever will
+        encoder = Encoder(run.backbone(), config.retriever, None, end_id=run.document_end_id())
     passages = encoder.embed_passages(dataset.corpus, config.index.batch_tokens, desc="embed for mining")
     return lambda questions: encoder.embed_queries(questions) @ passages.T
 
@@ -175,13 +177,15 @@ def _retriever(run: Run, folder: Path) -> tuple[dict, dict]:
     backbone.remove_adapter(RETRIEVER)  # retraining starts from a fresh adapter
     negatives = json.loads(run.negatives_file.read_text())
     examples = training_examples([run.dataset(r) for r in config.retriever.datasets], negatives)
+    end_id = run.document_end_id()
+    recorded = {"end_token": backbone.tokenizer.convert_ids_to_tokens(end_id)}  # what `Run.encoder` pools on
     if config.architecture == "fully_shared":
         from .train.joint import train_fully_shared
 
         datasets = [run.dataset(r) for r in config.generator.datasets]
         return train_fully_shared(backbone, examples, datasets, config.retriever, config.generator,
-                                  config.fully_shared_lambda, folder, config.seed), {}
-    return train_retriever(backbone, examples, config.retriever, folder, config.seed), {}
+                                  config.fully_shared_lambda, folder, config.seed, end_id), recorded
+    return train_retriever(backbone, examples, config.retriever, folder, config.seed, end_id), recorded
 
 
 # --- index ------------------------------------------------------------------------------

@@ -310,12 +310,28 @@ class Run:
             return self._sentence_encoder
         from .model.encoder import Encoder
 
-        return Encoder(self.backbone(), self.config.retriever, self.adapter(RETRIEVER))
+        recorded = self.manifest(RETRIEVER).get("end_token")  # absent: built before the token was recorded, on EOS
+        tokenizer = self.backbone().tokenizer
+        end_id = tokenizer.convert_tokens_to_ids(recorded) if recorded else tokenizer.eos_token_id
+        return Encoder(self.backbone(), self.config.retriever, self.adapter(RETRIEVER), end_id=end_id)
+
+    def document_end_id(self) -> int:
+        """The token that ends a document for this run's backbone: the one continual pre-training packed
+        passages with (recorded by the pretrain stage; EOS for one trained before it was recorded), or the
+        base model's own when pre-training was skipped."""
+        from .model.prompt import document_end_id
+
+        tokenizer = self.backbone().tokenizer
+        stats = self.manifest("pretrain")["stats"]
+        if "document_end" in stats:
+            return tokenizer.convert_tokens_to_ids(stats["document_end"])
+        return document_end_id(tokenizer, self.config.pretrain.document_end) if "skipped" in stats else tokenizer.eos_token_id
 
     def index_manifest(self, corpus_hash: str) -> dict:
         """What an index of this run records: the artefacts its vectors come from and how passages were embedded."""
         return {**self.index_ids(), "corpus": corpus_hash, "passage_prefix": self.config.retriever.passage_prefix,
-                "max_passage_len": self.config.retriever.max_passage_len, "faiss": self.config.index.faiss_spec()}
+                "max_passage_len": self.config.retriever.max_passage_len, "faiss": self.config.index.faiss_spec(),
+                "end_token": self.manifest(RETRIEVER).get("end_token")}
 
     def index(self, corpus_dir: Path | None = None) -> VectorIndex:
         """The index of the served catalogue, or of the corpus in `corpus_dir` (built once, then cached).

@@ -1,6 +1,7 @@
 """The backbone as a dense encoder: the retriever adapter embeds questions and passages.
 
-Texts are `query: ...` / `passage: ...` plus the EOS token; the embedding is the last real
+Texts are `query: ...` / `passage: ...` plus the document-end token (`end_id`: the token continual
+pre-training put after every passage, `model.prompt.document_end_id`); the embedding is that last
 token's final hidden state, L2-normalised. Training the adapter is `train/retriever.py`.
 """
 
@@ -15,6 +16,7 @@ from ..data import Document
 from ..progress import progress
 from .backbone import RETRIEVER, SharedBackbone
 from .index import Hit
+from .prompt import document_end_id
 
 __all__ = ["DenseRetriever", "Encoder", "last_token_pool", "right_pad"]
 
@@ -39,18 +41,24 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
 
 
 class Encoder:
-    """Embeds queries and passages with the retriever adapter of a shared backbone."""
+    """Embeds queries and passages with the retriever adapter of a shared backbone.
 
-    def __init__(self, backbone: SharedBackbone, settings: RetrieverConfig, adapter: str | None = RETRIEVER):
+    `end_id` is the token appended to every text and pooled on (default: `document_end_id`); an
+    adapter is used with the one it was trained with (`Run.encoder` reads it from the retriever's manifest).
+    """
+
+    def __init__(self, backbone: SharedBackbone, settings: RetrieverConfig, adapter: str | None = RETRIEVER,
+                 end_id: int | None = None):
         self.backbone = backbone
         self.settings = settings
         self.adapter = adapter
+        self.end_id = document_end_id(backbone.tokenizer) if end_id is None else end_id
 
     def tokenize(self, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
-        """Tokenise, truncate to leave room for EOS, append EOS, right-pad."""
+        """Tokenise, truncate to leave room for the end token, append it, right-pad."""
         tokenizer = self.backbone.tokenizer
         ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_len - 1)["input_ids"]
-        return right_pad([row + [tokenizer.eos_token_id] for row in ids], tokenizer.pad_token_id, self.backbone.device)
+        return right_pad([row + [self.end_id] for row in ids], tokenizer.pad_token_id, self.backbone.device)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.backbone.autocast_context():

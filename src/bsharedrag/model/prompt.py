@@ -27,6 +27,7 @@ __all__ = [
     "abstention_answer",
     "build_prompt",
     "citation_marker",
+    "document_end_id",
     "drop_foreign_citations",
     "encode_answer",
     "encode_prompt",
@@ -42,6 +43,8 @@ CLOSED_BOOK_SYSTEM_PROMPT = "You are a shop assistant. Answer the customer's que
 _MIN_PASSAGE_TOKENS = 16
 # Tokens that close an assistant turn in common chat templates (ChatML, Llama 3, Phi-3).
 _TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>")
+# Tokens that end a document in pre-training text, by model family.
+_END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>")
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 _OPEN_CITATION = re.compile(r"\[[\d,\s]{0,16}")  # "[", "[1", "[1, " ... : a marker not closed yet
 
@@ -136,6 +139,24 @@ def turn_end_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has neither an end-of-turn token nor an EOS token to end answers with")
     return tokenizer.eos_token_id
+
+
+def document_end_id(tokenizer: PreTrainedTokenizerBase, setting: str = "end_of_text") -> int:
+    """The token that ends a document: after each passage packed for continual pre-training, and after
+    each text the retriever embeds (its last-token pooling reads the hidden state there).
+
+    EOS (`setting` "eos"), or by default EOS unless it is also the chat template's end of turn (as in
+    SmolLM2-Instruct and Qwen2.5-Instruct: `<|im_end|>`), in which case the vocabulary's end-of-text
+    token, the one its pre-training put between documents. Ending every catalogue passage, many a bare
+    "Yes.", with the end of turn teaches the model to end its answers early (docs/results.md).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token to end documents with")
+    if setting == "eos" or not _has_chat_template(tokenizer) or eos != turn_end_id(tokenizer):
+        return eos
+    vocab = tokenizer.get_vocab()
+    return next((vocab[token] for token in _END_OF_TEXT_TOKENS if vocab.get(token, eos) != eos), eos)
 
 
 def encode_answer(tokenizer: PreTrainedTokenizerBase, text: str, settings: GeneratorConfig) -> list[int]:

@@ -38,8 +38,11 @@ def train_fully_shared(
     weight: float,
     out_dir: Path,
     seed: int = 0,
+    end_id: int | None = None,
 ) -> dict:
-    """Train the one adapter on L_gen + `weight`·L_ret (saved as the `retriever` adapter in `out_dir`); returns stats."""
+    """Train the one adapter on L_gen + `weight`·L_ret (saved as the `retriever` adapter in `out_dir`); returns stats.
+
+    Texts the retriever embeds end with `end_id` (see `Encoder`)."""
     seed_everything(seed)
     passages = [BM25Retriever(dataset.corpus) for dataset in datasets] if gen_settings.with_passages else None
     triples = build_triples(datasets, passages, gen_settings, seed)
@@ -51,7 +54,7 @@ def train_fully_shared(
     cycling = gen_settings.model_copy(update={"max_steps": steps, "epochs": float(steps)})
     generation_batches = step_batches(encode_triples(tokenizer, triples, gen_settings), cycling, seed)
 
-    encoder = Encoder(backbone, ret_settings)
+    encoder = Encoder(backbone, ret_settings, end_id=end_id)
     rng = random.Random(seed)
     parts: dict[str, list[float]] = {"retrieval": [], "generation": []}
 

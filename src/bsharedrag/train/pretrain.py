@@ -1,11 +1,9 @@
 """Stage 1: domain continual pre-training (causal LM loss on packed corpus text).
 
-Passages are packed back to back, each ended by the tokenizer's end-of-document token. That is not
-always EOS: an instruct model's EOS is often its chat template's end of turn (SmolLM2-Instruct's and
-Qwen2.5-Instruct's `<|im_end|>`), and ending every catalogue passage with it, many of them a bare
-"Yes." of a customer answer, teaches the model to end its answers early (measured in docs/results.md:
-P(end right after "Yes.") 0.229 -> 0.619). Such tokenizers also have the end-of-text token their
-pre-training used between documents (`<|endoftext|>`, `<|end_of_text|>`), which `document_end_id` picks.
+Passages are packed back to back, each ended by the tokenizer's end-of-document token
+(`model.prompt.document_end_id`), which is not always EOS: an instruct model's EOS is often its chat
+end of turn, and ending every catalogue passage with it teaches the model to end its answers early.
+The retriever pools on the same token, so what pre-training taught it to summarise there serves both.
 """
 
 from __future__ import annotations
@@ -21,13 +19,12 @@ from .. import distributed
 from ..config import PretrainConfig
 from ..data import read_corpus
 from ..model.backbone import SharedBackbone
-from ..model.prompt import turn_end_id
+from ..model.prompt import document_end_id
 from .loop import loss_summary, micro_batches, step_batches, train_loop
 
-__all__ = ["document_end_id", "domain_texts", "pack", "perplexity", "pretrain"]
+__all__ = ["domain_texts", "pack", "perplexity", "pretrain"]
 
 _ADAPTER = "pretrain"
-_END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>")  # pre-training document ends, by family
 
 
 def domain_texts(settings: PretrainConfig, strict: bool = False) -> list[str]:
@@ -40,19 +37,6 @@ def domain_texts(settings: PretrainConfig, strict: bool = False) -> list[str]:
     if not texts:
         raise ValueError("continual pre-training found no text: check pretrain.datasets and pretrain.text_files")
     return texts
-
-
-def document_end_id(tokenizer, setting: str = "end_of_text") -> int:
-    """The token that ends each passage when packing: EOS (`setting` "eos"), or by default EOS unless it is
-    also the chat end of turn, in which case the vocabulary's end-of-text token where it has one."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no EOS token to end pre-training documents with")
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    if setting == "eos" or not chat or eos != turn_end_id(tokenizer):
-        return eos
-    vocab = tokenizer.get_vocab()
-    return next((vocab[token] for token in _END_OF_TEXT_TOKENS if vocab.get(token, eos) != eos), eos)
 
 
 def pack(tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None,

@@ -172,10 +172,11 @@ def training_attention(settings: RetrieverConfig | RerankerConfig, device: str) 
 
 
 def train_retriever(
-    backbone: SharedBackbone, examples: list[TrainingExample], settings: RetrieverConfig, out_dir: Path, seed: int
+    backbone: SharedBackbone, examples: list[TrainingExample], settings: RetrieverConfig, out_dir: Path, seed: int,
+    end_id: int | None = None,
 ) -> dict:
-    """Train the `retriever` adapter on `examples` and save it to `out_dir`."""
-    encoder = Encoder(backbone, settings)
+    """Train the `retriever` adapter on `examples` (texts ended by `end_id`, see `Encoder`) and save it to `out_dir`."""
+    encoder = Encoder(backbone, settings, end_id=end_id)
     rng = random.Random(seed)
     seed_everything(seed)  # the new adapter's random start, whatever ran before in this process
     started = time.time()
