@@ -70,9 +70,9 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
 
     built = run_stages(run)
     # pre-training ended each passage with the token the retriever pools on, and the run embeds with it
-    assert built["pretrain"]["stats"]["document_end"] == built["retriever"]["end_token"] == "<|endoftext|>"
+    assert built["pretrain"]["stats"]["document_end"] == built["retriever"]["end_token"] == "<|im_end|>"
     tokenizer = run.backbone().tokenizer
-    assert run.encoder().end_id == tokenizer.convert_tokens_to_ids("<|endoftext|>") != tokenizer.eos_token_id
+    assert run.encoder().end_id == tokenizer.eos_token_id
     results = json.loads((run.stage_folder("eval") / "results.json").read_text())
     assert set(results["retrieval"]) == {"bsharedrag", "bm25"}
     assert results["generation_passages"] == "hybrid"  # what `ask` serves (index.first_stage), scored or not
@@ -103,6 +103,8 @@ def test_whole_pipeline_then_cli_search_ask_and_eval(run, tiny_dataset, tmp_path
     manifest_file.write_text(saved)
     retriever_file = run.stage_folder("retriever") / "manifest.json"
     saved = retriever_file.read_text()
+    retriever_file.write_text(json.dumps({**json.loads(saved), "end_token": "<|endoftext|>"}))
+    assert Run.open(run.folder).encoder().end_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")  # as trained
     retriever_file.write_text(json.dumps({key: value for key, value in json.loads(saved).items() if key != "end_token"}))
     assert Run.open(run.folder).encoder().end_id == tokenizer.eos_token_id  # trained before the token was recorded
     retriever_file.write_text(saved)
@@ -193,3 +195,11 @@ def test_a_bare_corpus_trains_both_adapters_on_synthetic_questions(tiny_model_di
     assert results["queries"] == built["synth"]["stats"]["dev"] and "bsharedrag" in results["generation"]
     again = run_stages(Run.open(tmp_path / "run"))
     assert again["synth"]["id"] == built["synth"]["id"]  # up to date: nothing is written twice
+
+
+def test_a_setting_added_later_leaves_the_fingerprint_alone_at_the_value_earlier_code_behaved_as():
+    from bsharedrag.config import PretrainConfig
+    from bsharedrag.pipeline import _settings
+
+    assert "document_end" not in _settings(PretrainConfig())  # artefacts built before it stay up to date
+    assert _settings(PretrainConfig(document_end="end_of_text"))["document_end"] == "end_of_text"

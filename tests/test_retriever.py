@@ -40,10 +40,10 @@ def test_tokenize_appends_the_document_end_after_truncation():
     encoder = Encoder(backbone, RetrieverConfig(), adapter=None)
     batch = encoder.tokenize(["passage: " + "word " * 100], 16)
     assert batch["input_ids"].shape[1] == 16
-    end = batch["input_ids"][0, -1].item()
-    assert backbone.tokenizer.convert_ids_to_tokens(end) == "<|endoftext|>"  # not EOS: SmolLM2's end of turn
-    eos = Encoder(backbone, RetrieverConfig(), adapter=None, end_id=backbone.tokenizer.eos_token_id)
-    assert eos.tokenize(["passage: a kettle"], 16)["input_ids"][0, -1].item() == backbone.tokenizer.eos_token_id
+    assert batch["input_ids"][0, -1].item() == backbone.tokenizer.eos_token_id
+    end = backbone.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    other = Encoder(backbone, RetrieverConfig(), adapter=None, end_id=end)
+    assert other.tokenize(["passage: a kettle"], 16)["input_ids"][0, -1].item() == end
 
 
 def test_info_nce_equals_hand_computed_value():

@@ -137,9 +137,10 @@ class PretrainConfig(TrainSettings):
     text_files: list[Path] = Field(default_factory=list, description="Extra plain-text files, one document a line.")
     seq_len: int = Field(256, gt=8, description="Tokens per packed sequence.")
     max_tokens: int | None = Field(None, description="Train on at most this many corpus tokens (a seeded sample).")
-    document_end: Literal["end_of_text", "eos"] = Field(
-        "end_of_text", description="The token after each packed passage: EOS, or (end_of_text) the tokenizer's "
-        "end-of-text token when EOS is also the chat end of turn, which would teach short answers (train/pretrain.py)."
+    document_end: Literal["eos", "end_of_text"] = Field(
+        "eos", description="The token after each packed passage, which the retriever then pools on: EOS, or "
+        "(end_of_text) the tokenizer's end-of-text token where EOS is also the chat end of turn (model/prompt.py: "
+        "why EOS is the default)."
     )
     heldout_fraction: float = Field(0.02, gt=0, lt=0.5, description="Share of documents held out for perplexity.")
     lr: float = 2e-5

@@ -39,10 +39,14 @@ log = logging.getLogger(__name__)
 
 # How a stage runs, not what it makes: they leave the fingerprint (and the built artefacts) as they are.
 _NOT_SETTINGS = {"checkpoint_every", "log_every", "decode_together", "micro_batch_tokens", "pad_to_multiple"}
+# Settings added after artefacts were built without them: at the value that the earlier code behaved as,
+# they leave the fingerprint as it was, so an upgrade rebuilds nothing they would not change.
+_ADDED_SETTINGS = {"document_end": "eos", "engine": "native"}
 
 
 def _settings(section, exclude: set[str] = frozenset()) -> dict:
     skipped = (_NOT_SETTINGS | exclude) & set(type(section).model_fields)
+    skipped |= {key for key, earlier in _ADDED_SETTINGS.items() if getattr(section, key, None) == earlier}
     return json.loads(section.model_dump_json(exclude=skipped))
 
 

@@ -14,6 +14,7 @@ this machine from the Python of the optional vLLM environment (`scripts/install_
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -91,26 +92,23 @@ class VllmClient:
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int, adapter: str | None = "generator", *,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
-        """Text chunks of the answer as vLLM writes them (as `model.generate.stream_tokens`, remotely)."""
-        import httpx
-
-        body = self._body(prompt_ids, max_new_tokens, adapter, temperature, top_p, seed)
+        """Text chunks of the answer as vLLM writes them (as `model.generate.stream_tokens`, remotely):
+        `astream` driven by an event loop of this call's own, so any thread may call it."""
+        loop = asyncio.new_event_loop()
+        chunks = self.astream(prompt_ids, max_new_tokens, adapter, temperature=temperature, top_p=top_p, seed=seed)
         try:
-            with httpx.Client(timeout=self.timeout_s) as client, \
-                    client.stream("POST", f"{self.url}/v1/completions", json=body) as response:
-                self._check(response.status_code, response.read() if response.status_code != 200 else b"")
-                for line in response.iter_lines():
-                    chunk = self._chunk(line)
-                    if chunk is None:
-                        return
-                    if chunk:
-                        yield chunk
-        except httpx.HTTPError as error:
-            raise VllmError(f"vLLM at {self.url} did not answer: {error!r}") from error
+            while True:
+                try:
+                    yield loop.run_until_complete(anext(chunks))
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run_until_complete(chunks.aclose())
+            loop.close()
 
     async def astream(self, prompt_ids: list[int], max_new_tokens: int, adapter: str | None = "generator", *,
                       temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> AsyncIterator[str]:
-        """`stream` for an event loop: waiting on vLLM blocks no thread."""
+        """Text chunks of the answer as vLLM writes them; waiting on vLLM blocks no thread."""
         import httpx
 
         body = self._body(prompt_ids, max_new_tokens, adapter, temperature, top_p, seed)

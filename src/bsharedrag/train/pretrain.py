@@ -1,9 +1,8 @@
 """Stage 1: domain continual pre-training (causal LM loss on packed corpus text).
 
-Passages are packed back to back, each ended by the tokenizer's end-of-document token
-(`model.prompt.document_end_id`), which is not always EOS: an instruct model's EOS is often its chat
-end of turn, and ending every catalogue passage with it teaches the model to end its answers early.
-The retriever pools on the same token, so what pre-training taught it to summarise there serves both.
+Passages are packed back to back, each ended by the document-end token (`pretrain.document_end`,
+`model.prompt.document_end_id`: EOS by default). The retriever pools on the same token, so what
+pre-training taught the model to hold there, a summary of the passage, serves retrieval.
 """
 
 from __future__ import annotations
