@@ -203,3 +203,16 @@ def test_a_setting_added_later_leaves_the_fingerprint_alone_at_the_value_earlier
 
     assert "document_end" not in _settings(PretrainConfig())  # artefacts built before it stay up to date
     assert _settings(PretrainConfig(document_end="end_of_text"))["document_end"] == "end_of_text"
+
+
+def test_a_stage_seed_retrains_that_stage_alone(tiny_model_dir, tiny_dataset, tmp_path):
+    overrides = tiny_overrides(tiny_model_dir, tiny_dataset, tmp_path / "base")
+    stages = ("pretrain", "mine", "retriever", "index", "generator")
+    base = run_stages(Run(load_config(overrides=overrides)), stages)
+    reseeded = Run(load_config(overrides=[*overrides, f"run_dir={tmp_path / 'reseeded'}", "generator.seed=7"]),
+                   reuse=[tmp_path / "base"])
+    built = run_stages(reseeded, stages)
+    assert all(built[name]["id"] == base[name]["id"] for name in stages[:-1])  # adopted: the run's seed is unchanged
+    assert built["generator"]["id"] != base["generator"]["id"]
+    record = json.loads((reseeded.stage_folder("generator") / "training.json").read_text())
+    assert record["seed"] == 7 and base["generator"]["stats"]["first_loss"] != built["generator"]["stats"]["first_loss"]

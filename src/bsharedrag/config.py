@@ -120,6 +120,10 @@ class TrainSettings(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps.")
     log_every: int = Field(5, gt=0, description="Log the loss every N steps.")
+    seed: int | None = Field(
+        None, description="This stage's own training seed (its random draws of examples, the step order and a new adapter's start); "
+        "None: the run's `seed`. Retraining one stage with another seed measures its training noise.",
+    )
 
     @model_validator(mode="after")
     def _micro_divides_batch(self) -> TrainSettings:

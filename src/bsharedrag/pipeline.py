@@ -41,13 +41,18 @@ log = logging.getLogger(__name__)
 _NOT_SETTINGS = {"checkpoint_every", "log_every", "decode_together", "micro_batch_tokens", "pad_to_multiple"}
 # Settings added after artefacts were built without them: at the value that the earlier code behaved as,
 # they leave the fingerprint as it was, so an upgrade rebuilds nothing they would not change.
-_ADDED_SETTINGS = {"document_end": "eos", "engine": "native"}
+_ADDED_SETTINGS = {"document_end": "eos", "engine": "native", "seed": None}
 
 
 def _settings(section, exclude: set[str] = frozenset()) -> dict:
     skipped = (_NOT_SETTINGS | exclude) & set(type(section).model_fields)
     skipped |= {key for key, earlier in _ADDED_SETTINGS.items() if getattr(section, key, None) == earlier}
     return json.loads(section.model_dump_json(exclude=skipped))
+
+
+def _seed(run: Run, section) -> int:
+    """A training stage's seed: its own (`seed` of its section) or the run's."""
+    return run.config.seed if section.seed is None else section.seed
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ def _pretrain(run: Run, folder: Path) -> tuple[dict, dict]:
     run.release()
     trainee = SharedBackbone.load(config.backbone, base)
     texts = domain_texts(config.pretrain, config.strict_data)
-    stats = pretrain(trainee, texts, config.pretrain, folder / "model", config.seed)
+    stats = pretrain(trainee, texts, config.pretrain, folder / "model", _seed(run, config.pretrain))
     return stats, {"model_folder": "model"}  # relative: the artefact is built beside its final folder
 
 
@@ -188,8 +193,8 @@ def _retriever(run: Run, folder: Path) -> tuple[dict, dict]:
 
         datasets = [run.dataset(r) for r in config.generator.datasets]
         return train_fully_shared(backbone, examples, datasets, config.retriever, config.generator,
-                                  config.fully_shared_lambda, folder, config.seed, end_id), recorded
-    return train_retriever(backbone, examples, config.retriever, folder, config.seed, end_id), recorded
+                                  config.fully_shared_lambda, folder, _seed(run, config.retriever), end_id), recorded
+    return train_retriever(backbone, examples, config.retriever, folder, _seed(run, config.retriever), end_id), recorded
 
 
 # --- index ------------------------------------------------------------------------------
@@ -237,7 +242,7 @@ def _reranker(run: Run, folder: Path) -> tuple[dict, dict]:
     from .train.reranker import rerank_examples, train_reranker
     from .train.retriever import training_examples
 
-    config, settings = run.config, run.config.reranker
+    settings = run.config.reranker
     if not settings.enabled:
         return {"skipped": "reranker.enabled is false"}, {}
     datasets = [run.dataset(ref) for ref in settings.datasets]
@@ -250,7 +255,7 @@ def _reranker(run: Run, folder: Path) -> tuple[dict, dict]:
     free_memory()
     backbone = run.backbone()
     backbone.remove_adapter(RERANKER)  # retraining starts from a fresh adapter
-    return train_reranker(backbone, examples, settings, folder, config.seed), {}
+    return train_reranker(backbone, examples, settings, folder, _seed(run, settings)), {}
 
 
 # --- generator --------------------------------------------------------------------------
@@ -274,10 +279,10 @@ def _generator(run: Run, folder: Path) -> tuple[dict, dict]:
     datasets = [run.dataset(r) for r in config.generator.datasets]
     retrievers = [run.retriever(dataset.path) for dataset in datasets] if config.generator.with_passages else None
     judged = [ref.judged_per_product for ref in config.generator.datasets]
-    triples = build_triples(datasets, retrievers, config.generator, config.seed, judged)
+    triples = build_triples(datasets, retrievers, config.generator, _seed(run, config.generator), judged)
     del retrievers
     free_memory()  # the heap that embedding the corpora fragmented, before training grows on it
-    return train_generator(backbone, triples, config.generator, folder, config.seed), {}
+    return train_generator(backbone, triples, config.generator, folder, _seed(run, config.generator)), {}
 
 
 # --- eval -------------------------------------------------------------------------------
