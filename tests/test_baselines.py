@@ -79,3 +79,8 @@ def test_bertscore_prefers_identical_text():
     assert 0 <= unrelated < same
     with pytest.raises(ValueError, match="no reference"):
         bertscore(["a"], [[]])
+
+
+def test_bertscore_of_an_empty_answer_is_zero_not_a_crash():
+    scores = bertscore(["", "The bag is waterproof.", "Yes."], [["It is waterproof."], ["The bag is waterproof."], ["", "Yes."]])
+    assert scores[0] == 0.0 and scores[1] > 90 and scores[2] > 90

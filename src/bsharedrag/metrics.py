@@ -312,12 +312,18 @@ def bertscore(
     for index, refs in enumerate(groups):
         if not refs:
             raise ValueError(f"hypothesis {index} has no reference; drop it or give at least one")
-    if not groups:
-        return []
+    # An empty text matches nothing (F1 0); bert_score itself cannot encode one with transformers 5.
+    groups = [[ref for ref in refs if ref.strip()] for refs in groups]
+    scored = [i for i, (hypothesis, refs) in enumerate(zip(hypotheses, groups)) if hypothesis.strip() and refs]
+    scores = [0.0] * len(hypotheses)
+    if not scored:
+        return scores
     scorer = _bert_scorer(str(local_model(model_path)), num_layers, device)
     with _offline():
-        _, _, f1 = scorer.score(list(hypotheses), groups, batch_size=batch_size)
-    return [100.0 * float(value) for value in f1]
+        _, _, f1 = scorer.score([hypotheses[i] for i in scored], [groups[i] for i in scored], batch_size=batch_size)
+    for i, value in zip(scored, f1, strict=True):
+        scores[i] = 100.0 * float(value)
+    return scores
 
 
 def generation_scores(
