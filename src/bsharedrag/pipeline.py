@@ -279,10 +279,11 @@ def _generator(run: Run, folder: Path) -> tuple[dict, dict]:
     datasets = [run.dataset(r) for r in config.generator.datasets]
     retrievers = [run.retriever(dataset.path) for dataset in datasets] if config.generator.with_passages else None
     judged = [ref.judged_per_product for ref in config.generator.datasets]
-    triples = build_triples(datasets, retrievers, config.generator, _seed(run, config.generator), judged)
+    seed = _seed(run, config.generator)
+    triples = build_triples(datasets, retrievers, config.generator, seed, judged)
     del retrievers
     free_memory()  # the heap that embedding the corpora fragmented, before training grows on it
-    return train_generator(backbone, triples, config.generator, folder, _seed(run, config.generator)), {}
+    return train_generator(backbone, triples, config.generator, folder, seed), {}
 
 
 # --- eval -------------------------------------------------------------------------------
